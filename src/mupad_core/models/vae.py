@@ -1,0 +1,104 @@
+"""Latent codecs: the image <-> latent maps the denoiser works in.
+
+`DiffusersVAE` wraps any diffusers `AutoencoderKL` (local folder or hub id) and applies
+its `scaling_factor` / `shift_factor`, so latents have roughly unit variance whatever
+VAE a user brings (SD, SD3, FLUX-style). `PixelUnshuffleCodec` is a lossless,
+weight-free space-to-depth map: it lets tiny models train and run on CPU (tests, the
+offline demo) when no pretrained VAE is reachable. Both take images as float RGB in
+[0, 1], shaped (B, 3, H, W).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class VAEError(RuntimeError):
+    pass
+
+
+class LatentCodec(Protocol):
+    latent_channels: int
+    downscale: int
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+class PixelUnshuffleCodec:
+    """Space-to-depth by `factor`: (B, 3, H, W) -> (B, 3 f^2, H/f, W/f), exactly invertible."""
+
+    def __init__(self, factor: int = 2, channels: int = 3):
+        if factor < 1:
+            raise ValueError(f"factor must be >= 1, got {factor}")
+        self.downscale = factor
+        self.image_channels = channels
+        self.latent_channels = channels * factor * factor
+
+    def encode(self, images, generator=None):
+        f = self.downscale
+        if images.shape[-2] % f or images.shape[-1] % f:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of {f}")
+        return F.pixel_unshuffle(images * 2 - 1, f)
+
+    def decode(self, latents):
+        return (F.pixel_shuffle(latents, self.downscale) + 1) / 2
+
+    def __repr__(self):
+        return f"pixel-unshuffle:{self.downscale}"
+
+
+class DiffusersVAE:
+    """An `AutoencoderKL` with its latent normalisation applied."""
+
+    def __init__(self, vae, *, sample_posterior: bool = False):
+        self.vae = vae.eval().requires_grad_(False)
+        cfg = vae.config
+        self.scaling_factor = float(getattr(cfg, "scaling_factor", None) or 1.0)
+        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
+        self.latent_channels = int(cfg.latent_channels)
+        self.downscale = 2 ** (len(cfg.block_out_channels) - 1)
+        self.sample_posterior = sample_posterior
+
+    @torch.no_grad()
+    def encode(self, images, generator=None):
+        dist = self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latent_dist
+        z = dist.sample(generator) if self.sample_posterior else dist.mode()
+        return (z - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents):
+        z = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
+        return ((self.vae.decode(z).sample + 1) / 2).clamp(0, 1)
+
+    def to(self, device=None, dtype=None):
+        self.vae.to(device=device, dtype=dtype)
+        return self
+
+
+def load_vae(spec: str | Path, *, subfolder: str | None = None, device=None, dtype=None) -> LatentCodec:
+    """`pixel-unshuffle:F`, a local AutoencoderKL folder, or a hub id (e.g. a model's `vae`)."""
+    spec_str = str(spec)
+    if spec_str.startswith("pixel-unshuffle"):
+        _, _, factor = spec_str.partition(":")
+        return PixelUnshuffleCodec(int(factor or 2))
+    from diffusers import AutoencoderKL
+
+    from ..hub import resolve_pretrained
+
+    folder = resolve_pretrained(spec_str)
+    if subfolder is None and not (folder / "config.json").exists() and (folder / "vae" / "config.json").exists():
+        subfolder = "vae"
+    where = folder / subfolder if subfolder else folder
+    if not (where / "config.json").exists():
+        raise VAEError(f"{where}: no config.json — not a diffusers AutoencoderKL folder")
+    try:
+        vae = AutoencoderKL.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
+    except Exception as exc:  # diffusers raises many types; the user needs the file and the reason
+        raise VAEError(f"{where}: cannot load AutoencoderKL: {exc}") from exc
+    return DiffusersVAE(vae).to(device=device, dtype=dtype)

@@ -1,0 +1,107 @@
+"""MUPAD training objective: velocity MSE + lambda * CLS velocity MSE + beta * alignment.
+
+Condition dropout (per modality, per sample) is applied here so that every training
+step also teaches the unconditional and partially conditional models that
+classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.conditions import Conditions
+from . import path
+
+
+@dataclass
+class LossConfig:
+    time_sampling: str = "logit_normal"
+    cls_weight: float = 0.03  # lambda; REG's default
+    align_weight: float = 0.5  # beta; REPA's default
+    condition_dropout: float = 0.1
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    velocity: torch.Tensor
+    cls: torch.Tensor | None = None
+    align: torch.Tensor | None = None
+
+    def as_floats(self) -> dict[str, float]:
+        return {k: float(v.detach()) for k, v in vars(self).items() if v is not None}
+
+
+def drop_conditions(conditions: Conditions | None, p: float, generator: torch.Generator | None = None):
+    """Switch each modality off for each sample with probability p (presence -> 0)."""
+    if conditions is None or p <= 0:
+        return conditions
+    presence = {}
+    for name, flag in conditions.presence.items():
+        keep = torch.rand(flag.shape, generator=generator, device=flag.device if generator is None else "cpu")
+        presence[name] = flag.float() * (keep.to(flag.device) >= p).float()
+    return Conditions(dict(conditions.tokens), dict(conditions.masks), presence)
+
+
+def alignment_loss(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Negative cosine similarity per spatial position, averaged.
+
+    projected: (B, D, h, w) from the SiT projector. teacher: (B, D, H, W) patch
+    features, or (B, N, D) tokens on a square grid. The projection is resized to the
+    teacher's grid so encoders with any patch size can teach.
+    """
+    if teacher.dim() == 3:
+        b, n, d = teacher.shape
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise ValueError(f"teacher has {n} tokens: not a square grid; pass (B, D, H, W)")
+        teacher = teacher.transpose(1, 2).reshape(b, d, side, side)
+    if projected.shape[1] != teacher.shape[1]:
+        raise ValueError(f"projector gives {projected.shape[1]} features, teacher {teacher.shape[1]}")
+    if projected.shape[-2:] != teacher.shape[-2:]:
+        projected = F.interpolate(projected, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+    cos = F.cosine_similarity(projected.float(), teacher.float(), dim=1)
+    return -cos.mean()
+
+
+def training_loss(
+    model,
+    x_data: torch.Tensor,
+    conditions: Conditions | None = None,
+    *,
+    cls_target: torch.Tensor | None = None,
+    teacher_features: torch.Tensor | None = None,
+    concat: torch.Tensor | None = None,
+    config: LossConfig = LossConfig(),
+    generator: torch.Generator | None = None,
+) -> LossTerms:
+    """One stochastic estimate of the MUPAD loss on a batch of clean latents."""
+    b = x_data.shape[0]
+    dev = x_data.device
+    gen_dev = "cpu" if generator is not None else dev
+    t = path.sample_time(b, config.time_sampling, generator=generator, device=gen_dev).to(dev)
+    noise = torch.randn(x_data.shape, generator=generator, device=gen_dev).to(dev, x_data.dtype)
+    x_t = path.interpolate(x_data, noise, t)
+    cls_t = None
+    if cls_target is not None:
+        cls_noise = torch.randn(cls_target.shape, generator=generator, device=gen_dev).to(dev, cls_target.dtype)
+        cls_t = path.interpolate(cls_target, cls_noise, t)
+    conditions = drop_conditions(conditions, config.condition_dropout, generator)
+    want_projection = teacher_features is not None and config.align_weight > 0
+    out = model(x_t, t, conditions, cls=cls_t, concat=concat, return_projection=want_projection)
+    velocity = F.mse_loss(out.velocity.float(), path.velocity_target(x_data, noise).float())
+    total = velocity
+    terms = LossTerms(total=total, velocity=velocity)
+    if cls_target is not None and out.cls_velocity is not None:
+        terms.cls = F.mse_loss(out.cls_velocity.float(), path.velocity_target(cls_target, cls_noise).float())
+        total = total + config.cls_weight * terms.cls
+    if want_projection:
+        if out.projected is None:
+            raise ValueError("teacher features given but the model has no alignment projector (align_dim=0)")
+        terms.align = alignment_loss(out.projected, teacher_features)
+        total = total + config.align_weight * terms.align
+    terms.total = total
+    return terms
