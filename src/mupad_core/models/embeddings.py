@@ -46,9 +46,19 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, device=None, dtype=N
     Absolute indices (not coordinates normalised to the grid) mean a 512-px tile sees
     the same local geometry as a 256-px one, only more of it: the model is
     translation-consistent across tile sizes and slide windows.
+
+    The tensor is cached per (size, device, dtype), so a forward pass on an accelerator
+    does not copy it host-to-device every call. Treat it as read-only.
     """
-    emb = torch.from_numpy(_sincos_2d_numpy(dim, grid_h, grid_w))
-    return emb.to(device=device, dtype=dtype).unsqueeze(0)
+    return _sincos_2d_tensor(dim, grid_h, grid_w, torch.device(device or "cpu"), dtype or torch.float32)
+
+
+@lru_cache(maxsize=32)
+def _sincos_2d_tensor(dim: int, grid_h: int, grid_w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # A normal (not inference-mode) constant, so it is usable with autograd too.
+    with torch.inference_mode(False), torch.no_grad():
+        emb = torch.from_numpy(_sincos_2d_numpy(dim, grid_h, grid_w))
+        return emb.to(device=device, dtype=dtype).unsqueeze(0)
 
 
 class PatchEmbed(nn.Module):
@@ -63,7 +73,10 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} is not a multiple of patch size {p}")
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous(): the transposed view would otherwise set the memory layout of the
+        # whole residual stream (elementwise ops keep their first input's strides), so
+        # every LayerNorm would copy and every add/mul would run on strided data.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class ContextEmbedder(nn.Module):
