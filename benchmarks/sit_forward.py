@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
     p.add_argument("--latent", type=int, default=32, help="latent side; 32 = 256-px, 64 = 512-px tiles (default 32)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per model (default 7 on cpu, 30 on cuda)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per model (default 10 on cpu, 30 on cuda)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per model after the FLOP-count call (default 1 cpu, 3 cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: CPUs available to this process)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -65,15 +65,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.latent % 2:
         p.error("--latent must be a multiple of the patch size 2")
     if args.repeats is None:
-        args.repeats = 30 if args.device == "cuda" else 7
+        args.repeats = 30 if args.device == "cuda" else 10
     if args.warmup is None:
         args.warmup = 3 if args.device == "cuda" else 1
     if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        args.threads = available_cpus()
     return args
 
 
 # -- machine ---------------------------------------------------------------------------
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -88,7 +92,7 @@ def cpu_model() -> str:
 def machine_lines(args) -> list[str]:
     import diffusers
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = available_cpus()
     lines = [
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}",
@@ -100,7 +104,36 @@ def machine_lines(args) -> list[str]:
         lines.append(f"gpu: {torch.cuda.get_device_name()} (cuda {torch.version.cuda})")
     if hasattr(os, "getloadavg"):
         lines.append("load average (1/5/15 min) at start: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
+    lines += contention_note(args.threads, cpus)
     return lines
+
+
+def busy_cores_elsewhere(seconds: float = 0.5) -> float | None:
+    """CPU cores kept busy by other processes while this one sleeps (None off Linux)."""
+
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    try:
+        t0, i0 = read()
+        time.sleep(seconds)
+        t1, i1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (1 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1)
+
+
+def contention_note(threads: int, cpus: int) -> list[str]:
+    busy = busy_cores_elsewhere()
+    if busy is None or busy < 0.25 or threads + busy <= cpus + 0.25:
+        return []
+    return [
+        f"note: other processes kept {busy:.1f} of {cpus} cores busy; with {threads} threads each parallel op can "
+        "wait for a descheduled worker, which inflates times (more for the model with more small ops). "
+        "Compare with --threads 1."
+    ]
 
 
 # -- models ----------------------------------------------------------------------------
@@ -281,6 +314,9 @@ def main(argv=None) -> None:
               f"{flops[dca_name] / flops[ours_name]:.3f}x ours FLOPs")
     if hasattr(os, "getloadavg"):
         print("load average (1/5/15 min) at end: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
+    if device.type == "cpu":
+        for line in contention_note(args.threads, available_cpus()):
+            print(line)
     print(f"wall time of the whole run: {time.perf_counter() - t_start:.0f} s")
     ratio = stats[theirs_name][0] / stats[ours_name][0]
     print(f"{HEADLINE}: {ratio:.2f}")

@@ -98,15 +98,18 @@ class DecoupledCrossAttention(nn.Module):
         masks: Mapping[str, torch.Tensor | None],
         presence: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
-        out = torch.zeros_like(x)
+        out = None
         for name, stream in self.streams.items():
             if name not in contexts:
                 continue
             gate = presence[name].to(x.dtype)[:, None, None]
             # Multiplying by an exact 0/1 gate removes the stream's contribution
-            # bit-exactly for absent samples (the "no effect" guarantee).
-            out = out + gate * stream(x, contexts[name], masks.get(name))
-        return out
+            # bit-exactly for absent samples (the "no effect" guarantee). The first
+            # stream starts the sum and later ones are fused adds (addcmul), rather than
+            # zeros + gate * stream for each.
+            y = stream(x, contexts[name], masks.get(name))
+            out = gate * y if out is None else torch.addcmul(out, gate, y)
+        return torch.zeros_like(x) if out is None else out
 
 
 class SharedCrossAttention(nn.Module):
