@@ -1,0 +1,92 @@
+"""What the whole-slide engine drives: a model handle per task.
+
+A handle turns a block of source pixels into output pixels of its task. The engine
+owns tiling, noise, fusion and writing; the handle only knows its network:
+
+- `prepare(source)`: per-block work done once (source latent, condition tokens).
+- `window_velocity(x, t, prepared, windows)`: the network on a batch of latent windows.
+- `decode(latent)`: latent block to output pixels.
+
+`IdentityHandle` returns its input (checks and benchmarks: the read/write floor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from .fusion import Window
+
+
+class ModelHandle(Protocol):
+    model_id: str
+    weights_hash: str
+    out_channels: int
+    latent_channels: int
+    downscale: int
+    passthrough: bool
+
+    def prepare(self, source: torch.Tensor) -> Any: ...
+
+    def window_velocity(self, x: torch.Tensor, t: float, prepared: Any, windows: list[Window]) -> torch.Tensor: ...
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor: ...
+
+
+class IdentityHandle:
+    """Output = source pixels. Selected by `--model identity`, valid for every task."""
+
+    model_id = "identity"
+    weights_hash = "none"
+    passthrough = True
+    latent_channels = 3
+    downscale = 1
+
+    def __init__(self, out_channels: int = 3):
+        self.out_channels = out_channels
+
+
+@dataclass
+class PreparedBlock:
+    source_latent: torch.Tensor  # (C, h, w) spatial template for the whole block
+
+
+class SiTImageToImageHandle:
+    """A MupadSiT that takes the source latent as a spatial template (`concat_channels`).
+
+    This is the H&E->X design of the paper (H&E->mIF concatenates the H&E latent with the
+    noisy target latent at every step). Condition tokens beyond the template belong to
+    the task layer.
+    """
+
+    passthrough = False
+
+    def __init__(self, model, codec, model_id: str, weights_hash: str, device="cpu", dtype=torch.float32):
+        if not model.config.concat_channels:
+            raise ValueError(f"{model_id}: model has no spatial template input (concat_channels=0)")
+        self.model = model.to(device).eval()
+        self.codec = codec
+        self.model_id = model_id
+        self.weights_hash = weights_hash
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.latent_channels = model.config.in_channels
+        self.downscale = codec.downscale
+        self.out_channels = getattr(codec, "image_channels", 3)
+
+    def prepare(self, source: torch.Tensor) -> PreparedBlock:
+        return PreparedBlock(source_latent=self.codec.encode(source[None].to(self.device))[0])
+
+    @torch.no_grad()
+    def window_velocity(self, x, t, prepared: PreparedBlock, windows):
+        concat = torch.stack([prepared.source_latent[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in windows])
+        tt = torch.full((x.shape[0],), float(t), device=self.device)
+        use_bf16 = self.device.type == "cuda" and self.dtype == torch.bfloat16
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            out = self.model(x.to(self.device), tt, None, concat=concat)
+        return out.velocity.float()
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latent[None])[0]
