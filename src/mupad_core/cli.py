@@ -23,6 +23,80 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_info(args) -> int:
+    import json
+
+    from .slide.readers import open_slide
+
+    with open_slide(args.slide, mpp=args.mpp, require_mpp=False) as reader:
+        info = {
+            "path": str(reader.path),
+            "backend": reader.backend,
+            "vendor": reader.vendor,
+            "kind": reader.kind,
+            "dimensions": list(reader.dimensions),
+            "levels": [list(level.shape) for level in reader.levels],
+            "level_downsamples": [round(float(d), 4) for d in reader.level_downsamples],
+            "mpp": list(reader.mpp) if reader.mpp else None,
+            "objective_power": reader.objective_power,
+            "channels": reader.channel_names,
+            "dtype": str(reader.dtype),
+            "associated_images": sorted(reader.associated_images),
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>18}: {value}")
+        if info["mpp"] is None:
+            print("      pixel size: none in the file; pass --mpp to stain it")
+    return 0
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: this torch build sees no CUDA device")
+    return name
+
+
+def _cmd_stain(args) -> int:
+    from tqdm import tqdm
+
+    from .generate.engine import StainConfig, run_stain
+    from .generate.models import load_handle
+    from .slide.readers import open_slide
+
+    device = _resolve_device(args.device)
+    config = StainConfig(
+        task=args.task, roi=tuple(args.roi) if args.roi else None, target_mpp=args.target_mpp,
+        steps=args.steps, method=args.sampler, guidance=args.guidance, seed=args.seed,
+        batch_size=args.batch_size, version=args.format, resume=args.resume, overwrite=args.overwrite,
+    )
+    handle = load_handle(args.model, args.task, device=device)
+    with open_slide(args.slide, mpp=args.mpp) as reader:
+        bar = tqdm(total=None, unit="block", desc=f"{args.task} {reader.path.name}", disable=args.quiet)
+
+        def progress(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            out = run_stain(reader, handle, args.out, config, progress=progress)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"mupad: interrupted; finished chunks are kept — rerun with --resume to continue {args.out}",
+                  file=sys.stderr)
+            return 130
+        bar.close()
+    print(out)
+    return 0
+
+
 def _cmd_version(args) -> int:
     import torch
 
@@ -40,6 +114,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=120.0, help="training time budget in seconds (default: 120)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+
+    info = sub.add_parser("info", help="what a slide holds: levels, pixel size, channels, vendor")
+    info.add_argument("slide")
+    info.add_argument("--mpp", type=float, help="pixel size (µm/px) when the file has none")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=_cmd_info)
+
+    stain = sub.add_parser("stain", help="run a task over a slide or ROI into an OME-Zarr pyramid")
+    stain.add_argument("slide")
+    stain.add_argument("-o", "--out", required=True, help="output .ome.zarr path")
+    stain.add_argument("--task", default="he2he", help="task name (default he2he)")
+    stain.add_argument("--model", default="identity",
+                       help="checkpoint folder, hub id, or 'identity' (returns the input; for checks)")
+    stain.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"), help="level-0 pixels")
+    stain.add_argument("--mpp", type=float, help="source pixel size (µm/px) when the file has none")
+    stain.add_argument("--target-mpp", type=float, help="output pixel size (default: the source's)")
+    stain.add_argument("--steps", type=int, default=20)
+    stain.add_argument("--sampler", choices=("euler", "sde"), default="euler")
+    stain.add_argument("--guidance", type=float, default=0.0)
+    stain.add_argument("--seed", type=int, default=0)
+    stain.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    stain.add_argument("--batch-size", type=int, default=8, help="windows per network pass")
+    stain.add_argument("--format", choices=("0.4", "0.5"), default="0.4", help="OME-Zarr (NGFF) version")
+    stain.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished chunks")
+    stain.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    stain.add_argument("--quiet", action="store_true", help="no progress bar")
+    stain.set_defaults(func=_cmd_stain)
 
     version = sub.add_parser("version", help="versions of napari-mupad, torch and CUDA availability")
     version.set_defaults(func=_cmd_version)

@@ -119,7 +119,8 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print) -> dic
     Image.fromarray(preview).resize((preview.shape[1] * scale, preview.shape[0] * scale), Image.NEAREST).save(
         out_dir / "preview.png"
     )
-    save_model(model, out_dir / "model", card=MODEL_CARD.format(steps=len(history)))
+    save_model(model, out_dir / "model", card=MODEL_CARD.format(steps=len(history)),
+               pipeline={"vae": repr(codec), "tasks": ["he2he"], "conditions": ["image"]})
     summary = {
         "slide": str(slide),
         "tiles": config.tiles,

@@ -90,3 +90,27 @@ class SiTImageToImageHandle:
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(latent[None])[0]
+
+
+def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
+    """`identity`, or a MUPAD checkpoint (folder or hub id) with a spatial-template input."""
+    if spec == "identity":
+        return IdentityHandle()
+    from ..hub import resolve_pretrained
+    from ..models.checkpoint import load_model, read_pipeline, weights_sha256
+    from ..models.vae import load_vae
+
+    folder = resolve_pretrained(spec)
+    pipeline = read_pipeline(folder)
+    tasks = pipeline.get("tasks")
+    if tasks and task not in tasks:
+        raise ValueError(f"{folder}: model is trained for {', '.join(tasks)}, not {task!r}")
+    model = load_model(folder)
+    if not model.config.concat_channels:
+        raise ValueError(
+            f"{folder}: this model generates from tokens only; whole-slide staining needs a model "
+            "trained with the source latent as spatial template (concat_channels > 0)"
+        )
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return SiTImageToImageHandle(model, load_vae(pipeline["vae"], device=device), str(spec),
+                                 weights_sha256(folder), device=device, dtype=dtype)

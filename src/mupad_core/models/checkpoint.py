@@ -27,13 +27,35 @@ class CheckpointError(ValueError):
     pass
 
 
-def save_model(model: MupadSiT, folder: str | Path, *, card: str | None = None) -> Path:
-    """Write config.json + diffusion_pytorch_model.safetensors (+ README.md card)."""
+PIPELINE_FILE = "mupad_pipeline.json"
+
+
+def save_model(model: MupadSiT, folder: str | Path, *, card: str | None = None, pipeline: dict | None = None) -> Path:
+    """Write config.json + diffusion_pytorch_model.safetensors (+ README.md card).
+
+    `pipeline` records what the denoiser needs around it to run (its latent codec, e.g.
+    {"vae": "pixel-unshuffle:2"}, and the tasks it was trained for) in mupad_pipeline.json.
+    """
     folder = Path(folder)
     model.save_pretrained(folder, safe_serialization=True)
     if card is not None:
         (folder / "README.md").write_text(card)
+    if pipeline is not None:
+        (folder / PIPELINE_FILE).write_text(json.dumps(pipeline, indent=2))
     return folder
+
+
+def read_pipeline(folder: str | Path) -> dict:
+    path = Path(folder) / PIPELINE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{Path(folder)}: no {PIPELINE_FILE} — cannot tell which VAE this model was trained with")
+    try:
+        pipeline = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if "vae" not in pipeline:
+        raise CheckpointError(f"{path}: no 'vae' entry")
+    return pipeline
 
 
 def weights_file(folder: Path) -> Path:
@@ -86,7 +108,11 @@ def load_model(path_or_id: str | Path, *, device=None, dtype=None) -> MupadSiT:
         raise CheckpointError(f"{wfile}: damaged or truncated safetensors file ({exc})") from exc
     check_state_dict(model, state, wfile)
     model.load_state_dict(state, strict=True)
-    return model.to(device=device, dtype=dtype).eval()
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
 
 
 def check_state_dict(model: torch.nn.Module, state: dict, source: Path) -> None:

