@@ -123,3 +123,24 @@ def test_roi_outside_the_slide_is_refused(cmu, tmp_path):
     with pytest.raises(ValueError, match="CMU-1-Small-Region.svs: ROI .* not inside the slide"):
         run_stain(cmu, IdentityHandle(), tmp_path / "x.ome.zarr", StainConfig(roi=(2000, 0, 500, 500)))
     assert not list(tmp_path.iterdir())
+
+
+def test_background_blocks_are_skipped_not_generated(cmu, tmp_path):
+    calls = []
+
+    class Counting(WindowVaryingHandle):
+        def window_velocity(self, x, t, prepared, windows):
+            calls.append(len(windows))
+            return super().window_velocity(x, t, prepared, windows)
+
+    # The slide's left edge below y=1536 is glass: that ROI's left blocks hold no tissue.
+    cfg = StainConfig(roi=(0, 1600, 1024, 1024), steps=2, window_px=128, overlap_px=32, block_px=512, margin_px=128)
+    from mupad_core.generate.engine import blocks_with_tissue
+
+    everything = {(r, c) for r in range(2) for c in range(2)}
+    blocks = blocks_with_tissue(cmu, cfg.roi, 1.0, 1024, 1024, 512, 128)
+    assert blocks and blocks != everything, f"fixture assumption: some but not all blocks have tissue ({blocks})"
+    out = level0(run_stain(cmu, Counting(), tmp_path / "bg.ome.zarr", cfg))
+    for row, col in everything - blocks:
+        assert (out[row * 512 : (row + 1) * 512, col * 512 : (col + 1) * 512] == 255).all()
+    assert len(calls) > 0

@@ -54,6 +54,7 @@ class StainConfig:
     chunk_px: int = 256
     batch_size: int = 8
     version: str = "0.4"
+    skip_background: bool = True  # blocks without tissue are written as background, not generated
     resume: bool = False
     overwrite: bool = False
 
@@ -148,12 +149,30 @@ def generate_block(handle: ModelHandle, source: torch.Tensor, origin_latent: tup
     return handle.decode(x).clamp(0, 1)
 
 
+def blocks_with_tissue(reader, roi, scale: float, out_h: int, out_w: int, block: int, margin: int) -> set[tuple[int, int]]:
+    """(row, col) of the output blocks whose box (plus margin) touches tissue."""
+    from ..slide.tissue import tissue_mask
+
+    mask, downsample = tissue_mask(reader)
+    keep = set()
+    for row, by in enumerate(range(0, out_h, block)):
+        for col, bx in enumerate(range(0, out_w, block)):
+            x0 = (roi[0] + (bx - margin) * scale) / downsample
+            y0 = (roi[1] + (by - margin) * scale) / downsample
+            x1 = (roi[0] + (bx + block + margin) * scale) / downsample
+            y1 = (roi[1] + (by + block + margin) * scale) / downsample
+            box = mask[max(int(y0), 0) : max(math.ceil(y1), 0), max(int(x0), 0) : max(math.ceil(x1), 0)]
+            if box.any():
+                keep.add((row, col))
+    return keep
+
+
 def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainConfig = StainConfig(),
               progress: ProgressCallback | None = None, tissue_blocks: set[tuple[int, int]] | None = None) -> Path:
     """Generate `config.task` over the ROI (or slide) of `reader` into an OME-Zarr at `out_path`.
 
-    `tissue_blocks`, when given, lists the (row, col) blocks worth generating; others are
-    written as background. Returns the final store path.
+    Blocks without tissue (`config.skip_background`; or not in `tissue_blocks` when given)
+    are written as background instead of generated. Returns the final store path.
     """
     _check(config, handle)
     roi, src_mpp, target_mpp, out_h, out_w = output_geometry(reader, config)
@@ -176,6 +195,8 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         provenance=provenance, resume=config.resume, overwrite=config.overwrite,
     )
     done = writer.done_tiles()
+    if tissue_blocks is None and config.skip_background and not handle.passthrough:
+        tissue_blocks = blocks_with_tissue(reader, roi, scale, out_h, out_w, config.block_px, config.margin_px)
     noise = GlobalNoise(config.seed, handle.latent_channels)
     b, m, c, d = config.block_px, config.margin_px, config.chunk_px, handle.downscale
     blocks = [(by, bx) for by in range(0, out_h, b) for bx in range(0, out_w, b)]
