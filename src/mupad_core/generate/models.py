@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from .fusion import Window
+from .tiled_vae import tiled_decode, tiled_encode
 
 
 class ModelHandle(Protocol):
@@ -77,7 +78,7 @@ class SiTImageToImageHandle:
         self.out_channels = getattr(codec, "image_channels", 3)
 
     def prepare(self, source: torch.Tensor) -> PreparedBlock:
-        return PreparedBlock(source_latent=self.codec.encode(source[None].to(self.device))[0])
+        return PreparedBlock(source_latent=tiled_encode(self.codec, source.to(self.device)))
 
     @torch.no_grad()
     def window_velocity(self, x, t, prepared: PreparedBlock, windows):
@@ -89,7 +90,7 @@ class SiTImageToImageHandle:
         return out.velocity.float()
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(latent[None])[0]
+        return tiled_decode(self.codec, latent.to(self.device)).cpu()
 
 
 def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
