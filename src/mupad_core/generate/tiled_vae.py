@@ -38,10 +38,13 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, til
 
 def tiled_encode(codec, images: torch.Tensor, tile_px: int = 512, overlap_px: int = 64) -> torch.Tensor:
     """(3, H, W) in [0, 1] -> latent (C, H/d, W/d)."""
-    d = codec.downscale
-    return tiled_apply(codec.encode, images, tile_px, overlap_px, 1 / d)
+    if not getattr(codec, "needs_tiling", True):
+        return codec.encode(images[None])[0]
+    return tiled_apply(codec.encode, images, tile_px, overlap_px, 1 / codec.downscale)
 
 
 def tiled_decode(codec, latent: torch.Tensor, tile_latent: int = 64, overlap_latent: int = 8) -> torch.Tensor:
     """latent (C, h, w) -> pixels (3, h*d, w*d) in [0, 1]."""
+    if not getattr(codec, "needs_tiling", True):
+        return codec.decode(latent[None])[0]
     return tiled_apply(codec.decode, latent, tile_latent, overlap_latent, codec.downscale)

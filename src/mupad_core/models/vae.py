@@ -33,6 +33,8 @@ class LatentCodec(Protocol):
 class PixelUnshuffleCodec:
     """Space-to-depth by `factor`: (B, 3, H, W) -> (B, 3 f^2, H/f, W/f), exactly invertible."""
 
+    needs_tiling = False  # purely local: any region encodes to the same numbers in one call
+
     def __init__(self, factor: int = 2, channels: int = 3):
         if factor < 1:
             raise ValueError(f"factor must be >= 1, got {factor}")
@@ -55,6 +57,8 @@ class PixelUnshuffleCodec:
 
 class DiffusersVAE:
     """An `AutoencoderKL` with its latent normalisation applied."""
+
+    needs_tiling = True
 
     def __init__(self, vae, *, sample_posterior: bool = False):
         self.vae = vae.eval().requires_grad_(False)
