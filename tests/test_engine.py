@@ -6,7 +6,8 @@ import torch
 import zarr
 
 from mupad_core.generate.engine import Cancelled, StainConfig, run_stain
-from mupad_core.generate.models import IdentityHandle, SiTImageToImageHandle
+from mupad_core.generate.models import DisagreeingWindowsHandle, IdentityHandle, SiTImageToImageHandle
+from mupad_core.generate.seams import seam_ratio, window_edges
 from mupad_core.models.sit import MupadSiT
 from mupad_core.models.vae import PixelUnshuffleCodec
 from mupad_core.slide.readers import open_slide
@@ -35,55 +36,19 @@ def test_identity_reproduces_the_roi_exactly(cmu, tmp_path):
     assert group.attrs["mupad"]["source"]["roi_level0"] == list(roi)
 
 
-class WindowVaryingHandle(SiTImageToImageHandle):
-    """Pulls each window towards the source latent plus an offset of its own.
-
-    Windows disagree by construction (the failure mode of independently sampled tiles);
-    the offset depends only on the window's source pixels, so the same window computed
-    from two blocks agrees with itself.
-    """
-
-    def __init__(self):
-        self.codec = PixelUnshuffleCodec(2)
-        self.model_id, self.weights_hash, self.device = "window-varying", "none", torch.device("cpu")
-        self.latent_channels, self.downscale, self.out_channels = 12, 2, 3
-
-    def window_velocity(self, x, t, prepared, windows):
-        target = torch.stack([prepared.source_latent[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in windows])
-        for k, w in enumerate(windows):
-            seed = int(target[k].double().sum().item() * 1000) % (2**31)
-            colour_shift = 0.3 * torch.randn(3, generator=torch.Generator().manual_seed(seed))
-            target[k] += colour_shift.repeat_interleave(4)[:, None, None]  # same shift for the 2x2 sub-pixels
-        return (target - x) / (1 - t)
-
-
-def seam_ratio(image: np.ndarray, edges: set[int]) -> float:
-    """Mean |gradient| across window edges over the mean elsewhere (rows and columns)."""
-    img = image.astype(np.float64)
-    gx = np.abs(np.diff(img, axis=1)).mean(axis=(0, 2))  # gx[i]: between columns i and i+1
-    gy = np.abs(np.diff(img, axis=0)).mean(axis=(1, 2))
-    ratios = []
-    for g in (gx, gy):
-        at = np.array([i + 1 in edges for i in range(len(g))])
-        ratios.append(g[at].mean() / g[~at].mean())
-    return max(ratios)
-
-
 def test_fused_windows_leave_no_seams_where_naive_stitching_does(cmu, tmp_path):
     roi = (203, 605, 1024, 1024)  # off the source's 8-px JPEG grid, so its block edges don't line up with ours
     fused_cfg = StainConfig(roi=roi, steps=4, window_px=128, overlap_px=48, block_px=512, margin_px=128)
     naive_cfg = StainConfig(roi=roi, steps=4, window_px=128, overlap_px=0, block_px=512, margin_px=0)
-    fused = level0(run_stain(cmu, WindowVaryingHandle(), tmp_path / "fused.ome.zarr", fused_cfg))
-    naive = level0(run_stain(cmu, WindowVaryingHandle(), tmp_path / "naive.ome.zarr", naive_cfg))
-    stride = 128 - 48
-    fused_edges = {k * stride for k in range(-2, 20)} | {k * stride + 128 for k in range(-2, 20)}
-    naive_edges = {k * 128 for k in range(9)}
-    fused_ratio, naive_ratio = seam_ratio(fused, fused_edges), seam_ratio(naive, naive_edges)
+    fused = level0(run_stain(cmu, DisagreeingWindowsHandle(), tmp_path / "fused.ome.zarr", fused_cfg))
+    naive = level0(run_stain(cmu, DisagreeingWindowsHandle(), tmp_path / "naive.ome.zarr", naive_cfg))
+    fused_ratio = seam_ratio(fused, window_edges(128, 48, 1024))
+    naive_ratio = seam_ratio(naive, window_edges(128, 0, 1024))
     assert fused_ratio <= 1.05, fused_ratio
     assert naive_ratio > 1.2, naive_ratio
     # Blocks share the global window grid and noise: cutting the ROI into 512-px blocks
     # gives the very same pixels as generating it as one block.
-    one_block = level0(run_stain(cmu, WindowVaryingHandle(), tmp_path / "one.ome.zarr",
+    one_block = level0(run_stain(cmu, DisagreeingWindowsHandle(), tmp_path / "one.ome.zarr",
                                  StainConfig(**{**vars(fused_cfg), "block_px": 1024})))
     assert np.array_equal(fused, one_block)
 
@@ -128,7 +93,7 @@ def test_roi_outside_the_slide_is_refused(cmu, tmp_path):
 def test_background_blocks_are_skipped_not_generated(cmu, tmp_path):
     calls = []
 
-    class Counting(WindowVaryingHandle):
+    class Counting(DisagreeingWindowsHandle):
         def window_velocity(self, x, t, prepared, windows):
             calls.append(len(windows))
             return super().window_velocity(x, t, prepared, windows)

@@ -49,6 +49,7 @@ class StainConfig:
     seed: int = 0
     window_px: int = 256
     overlap_px: int = 64
+    fusion: str = "cosine"  # window weights: raised-cosine ramps, or "uniform" (plain MultiDiffusion average)
     block_px: int = 1024
     margin_px: int = 256  # >= one window: border positions see the same whole windows from both blocks
     chunk_px: int = 256
@@ -62,6 +63,8 @@ class StainConfig:
 def _check(config: StainConfig, handle: ModelHandle) -> None:
     if config.block_px % config.chunk_px:
         raise ValueError(f"block size {config.block_px} must be a multiple of the chunk size {config.chunk_px}")
+    if config.fusion not in ("cosine", "uniform"):
+        raise ValueError(f"fusion must be 'cosine' or 'uniform', got {config.fusion!r}")
     if config.method not in ("euler", "sde"):
         raise ValueError(f"whole-slide sampling supports 'euler' and 'sde', got {config.method!r}")
     if not 0 <= config.overlap_px < config.window_px:
@@ -83,8 +86,8 @@ def output_geometry(reader, config: StainConfig) -> tuple[tuple[int, int, int, i
     return (x, y, w, h), src_mpp, target, max(1, round(h / scale)), max(1, round(w / scale))
 
 
-def read_source(reader, roi, scale: float, oy: int, ox: int, oh: int, ow: int) -> torch.Tensor:
-    """Source pixels (C, oh, ow) float in [0, 1] of output box (oy, ox) at the target size."""
+def source_box(reader, roi, scale: float, oy: int, ox: int, oh: int, ow: int) -> tuple[int, int, int, int, int]:
+    """The source level and region (x, y, w, h in that level's px) behind output box (oy, ox, oh, ow)."""
     x0 = roi[0] + ox * scale
     y0 = roi[1] + oy * scale
     level = reader.best_level_for_mpp(reader.level_mpp(0)[0] * scale)
@@ -92,12 +95,37 @@ def read_source(reader, roi, scale: float, oy: int, ox: int, oh: int, ow: int) -
     lx, ly = math.floor(x0 / ds), math.floor(y0 / ds)
     lw = math.ceil((x0 + ow * scale) / ds) - lx
     lh = math.ceil((y0 + oh * scale) / ds) - ly
-    pixels = reader.read_region(level, lx, ly, lw, lh)
+    return level, lx, ly, lw, lh
+
+
+def _as_float(pixels: np.ndarray, oh: int, ow: int) -> torch.Tensor:
+    """(h, w, C) source pixels as (C, oh, ow) float in [0, 1], resampled to the target size."""
+    lh, lw = pixels.shape[:2]
     peak = 255.0 if pixels.dtype == np.uint8 else float(np.iinfo(pixels.dtype).max) if pixels.dtype.kind == "u" else 1.0
     t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / peak
     if (lh, lw) != (oh, ow):
         t = F.interpolate(t[None], size=(oh, ow), mode="area" if lh >= oh else "bilinear")[0]
     return t
+
+
+def read_source(reader, roi, scale: float, oy: int, ox: int, oh: int, ow: int) -> torch.Tensor:
+    """Source pixels (C, oh, ow) float in [0, 1] of output box (oy, ox) at the target size."""
+    level, lx, ly, lw, lh = source_box(reader, roi, scale, oy, ox, oh, ow)
+    return _as_float(reader.read_region(level, lx, ly, lw, lh), oh, ow)
+
+
+def read_passthrough(reader, roi, scale: float, oy: int, ox: int, oh: int, ow: int) -> np.ndarray:
+    """Output pixels (C, oh, ow) uint8 of a passthrough (identity) block.
+
+    A uint8 source read at the output size is passed on as it is: the bytes the float
+    round trip would give (x / 255 * 255 rounds back to x), at none of its cost. Other
+    dtypes and resampled reads go through `read_source` and the usual conversion.
+    """
+    level, lx, ly, lw, lh = source_box(reader, roi, scale, oy, ox, oh, ow)
+    pixels = reader.read_region(level, lx, ly, lw, lh)
+    if pixels.dtype == np.uint8 and (lh, lw) == (oh, ow):
+        return np.moveaxis(pixels, -1, 0)
+    return (_as_float(pixels, oh, ow).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def block_region(start: int, length: int, margin: int, window: int, stride: int) -> tuple[int, int]:
@@ -123,7 +151,7 @@ def generate_block(handle: ModelHandle, source: torch.Tensor, origin_latent: tup
     hl, wl = source.shape[-2] // d, source.shape[-1] // d
     win, ov = config.window_px // d, config.overlap_px // d
     windows = window_grid(hl, wl, win, ov)
-    weight = ramp_weights(win, win, ov)
+    weight = ramp_weights(win, win, ov if config.fusion == "cosine" else 0)
     weight_sum = torch.zeros(hl, wl)
     for w in windows:
         weight_sum[w.y : w.y + w.h, w.x : w.x + w.w] += weight
@@ -208,9 +236,9 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
                 progress(n + 1, len(blocks))
             continue
         if handle.passthrough:
-            pixels = read_source(reader, roi, scale, by, bx, bh, bw)
+            out = read_passthrough(reader, roi, scale, by, bx, bh, bw)
         elif tissue_blocks is not None and (by // b, bx // b) not in tissue_blocks:
-            pixels = torch.ones(handle.out_channels, bh, bw) if handle.out_channels == 3 else torch.zeros(handle.out_channels, bh, bw)
+            out = np.full((handle.out_channels, bh, bw), 255 if handle.out_channels == 3 else 0, dtype=np.uint8)
         else:
             win, stride, margin = config.window_px // d, (config.window_px - config.overlap_px) // d, m // d
             ly0, ly1 = block_region(by // d, -(-bh // d), margin, win, stride)
@@ -218,10 +246,13 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
             source = read_source(reader, roi, scale, ly0 * d, lx0 * d, (ly1 - ly0) * d, (lx1 - lx0) * d)
             full = generate_block(handle, source, (ly0, lx0), noise, config)
             pixels = full[:, by - ly0 * d : by - ly0 * d + bh, bx - lx0 * d : bx - lx0 * d + bw]
-        out = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        for y, x in chunks:
-            if (y, x) not in done:
-                writer.write_tile(y, x, out[:, y - by : y - by + c, x - bx : x - bx + c])
+            out = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        if not any(ch in done for ch in chunks):
+            writer.write_tile(by, bx, out)  # one call: zarr encodes the chunks together, one progress record
+        else:
+            for y, x in chunks:
+                if (y, x) not in done:
+                    writer.write_tile(y, x, out[:, y - by : y - by + c, x - bx : x - bx + c])
         if progress is not None:
             progress(n + 1, len(blocks))
     return writer.finalize()

@@ -93,6 +93,32 @@ class SiTImageToImageHandle:
         return tiled_decode(self.codec, latent.to(self.device)).cpu()
 
 
+class DisagreeingWindowsHandle(SiTImageToImageHandle):
+    """A stand-in model whose windows disagree on purpose, for measuring seams.
+
+    Each window is pulled to the source latent plus a colour shift of its own (the failure
+    mode of independently sampled tiles). The shift depends only on the window's source
+    pixels, so the same window computed from two blocks agrees with itself. The velocity
+    (target - x) / (1 - t) makes an Euler run land exactly on the fused targets.
+    """
+
+    def __init__(self, shift: float = 0.3):
+        from ..models.vae import PixelUnshuffleCodec
+
+        self.codec = PixelUnshuffleCodec(2)
+        self.model_id, self.weights_hash, self.device = "disagreeing-windows", "none", torch.device("cpu")
+        self.latent_channels, self.downscale, self.out_channels = 12, 2, 3
+        self.shift = shift
+
+    def window_velocity(self, x, t, prepared, windows):
+        target = torch.stack([prepared.source_latent[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in windows])
+        for k in range(len(windows)):
+            seed = int(target[k].double().sum().item() * 1000) % (2**31)
+            colour = self.shift * torch.randn(3, generator=torch.Generator().manual_seed(seed))
+            target[k] += colour.repeat_interleave(4)[:, None, None]  # same shift for the 2x2 sub-pixels
+        return (target - x) / (1 - t)
+
+
 def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     """`identity`, or a MUPAD checkpoint (folder or hub id) with a spatial-template input."""
     if spec == "identity":
