@@ -51,8 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
     p.add_argument("--latent", type=int, default=32, help="latent side; 32 = 256-px, 64 = 512-px tiles (default 32)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per model (default 10 on cpu, 30 on cuda)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls per model after the FLOP-count call (default 1 cpu, 3 cuda)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: CPUs available to this process)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls per model after the FLOP-count call (default 1 on cpu, 3 on cuda)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: the CPUs available to this process)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 runs the models under bf16 autocast (weights stay fp32)")
@@ -62,8 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
-    if args.latent % 2:
-        p.error("--latent must be a multiple of the patch size 2")
+    if args.latent % 2 or args.latent < 2:
+        p.error("--latent must be a positive multiple of the patch size 2")
+    if args.batch < 1 or (args.repeats is not None and args.repeats < 1):
+        p.error("--batch and --repeats must be at least 1")
     if args.repeats is None:
         args.repeats = 30 if args.device == "cuda" else 10
     if args.warmup is None:
@@ -125,15 +129,24 @@ def busy_cores_elsewhere(seconds: float = 0.5) -> float | None:
     return (1 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1)
 
 
-def contention_note(threads: int, cpus: int) -> list[str]:
+def contention_note(threads: int, cpus: int, cpu_use: float | None = None) -> list[str]:
+    """A warning when other processes compete for the CPU, seen now or (cpu_use) while timing."""
     busy = busy_cores_elsewhere()
-    if busy is None or busy < 0.25 or threads + busy <= cpus + 0.25:
+    now = busy is not None and busy >= 0.25 and threads + busy > cpus + 0.25
+    starved = cpu_use is not None and cpu_use < 0.8 * min(threads, cpus)
+    if not (now or starved):
         return []
-    return [
-        f"note: other processes kept {busy:.1f} of {cpus} cores busy; with {threads} threads each parallel op can "
-        "wait for a descheduled worker, which inflates times (more for the model with more small ops). "
-        "Compare with --threads 1."
-    ]
+    seen = []
+    if starved:
+        seen.append(f"this process got {cpu_use:.2f} cores for its {threads} thread(s) while timing")
+    if now:
+        seen.append(f"other processes kept {busy:.1f} of {cpus} cores busy")
+    if threads > 1:
+        why = ("each parallel op can wait for a descheduled worker, which inflates times (more for the model "
+               "with more small ops); compare with --threads 1 or rerun when the machine is quiet")
+    else:
+        why = "times are inflated and noisier; rerun when the machine is quiet"
+    return [f"note: {'; '.join(seen)}: {why}."]
 
 
 # -- models ----------------------------------------------------------------------------
@@ -258,6 +271,7 @@ def main(argv=None) -> None:
                     models[name][1]()
         sync()
 
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         for r in range(args.repeats):
             order = names if r % 2 == 0 else names[::-1]
             for name in order:
@@ -269,6 +283,7 @@ def main(argv=None) -> None:
                     sync()
                     times[name].append(time.perf_counter() - t0)
                 del out
+        cpu_use = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
 
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
@@ -289,8 +304,8 @@ def main(argv=None) -> None:
         q1, med, q3 = np.percentile(ms, [25, 50, 75])
         stats[name] = (med, q3 - q1)
 
-    print(f"\nrepeats: {args.repeats} interleaved rounds after {args.warmup} + 1 (FLOP-count) warm-up call(s) per model; "
-          f"threads {torch.get_num_threads()}")
+    print(f"\nrepeats: {args.repeats} interleaved rounds after {args.warmup} + 1 (FLOP-count) warm-up call(s) "
+          f"per model; threads {torch.get_num_threads()}, process CPU use while timing {cpu_use:.2f} cores")
     width = max(len(n) for n in names)
     print(f"{'model':<{width}}  {'params (M)':>10}  {'w/o t-emb (M)':>13}  {'median ms':>10}  {'IQR ms':>8}  "
           f"{'GFLOP':>7}  {'GFLOP/s':>8}")
@@ -315,8 +330,12 @@ def main(argv=None) -> None:
     if hasattr(os, "getloadavg"):
         print("load average (1/5/15 min) at end: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     if device.type == "cpu":
-        for line in contention_note(args.threads, available_cpus()):
+        for line in contention_note(args.threads, available_cpus(), cpu_use):
             print(line)
+    noisy = {n: iqr / med for n, (med, iqr) in stats.items() if iqr > 0.1 * med}
+    if noisy:
+        print("note: noisy timings (IQR/median: " + ", ".join(f"{n} {100 * v:.0f}%" for n, v in noisy.items())
+              + "); the paired ratio is the steadier figure; rerun on a quieter machine or with more --repeats")
     print(f"wall time of the whole run: {time.perf_counter() - t_start:.0f} s")
     ratio = stats[theirs_name][0] / stats[ours_name][0]
     print(f"{HEADLINE}: {ratio:.2f}")
