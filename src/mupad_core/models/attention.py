@@ -149,9 +149,10 @@ class SharedCrossAttention(nn.Module):
         return out * any_present.to(x.dtype)[:, None, None]
 
 
-def build_cross_attention(kind: str, dim: int, heads: int, context_dim: int) -> nn.Module:
+def build_cross_attention(kind: str, dim: int, heads: int, context_dim: int, modalities=MODALITIES) -> nn.Module:
+    """One stream per modality the model was configured with (no unused streams)."""
     if kind == "decoupled":
-        return DecoupledCrossAttention(dim, heads, context_dim)
+        return DecoupledCrossAttention(dim, heads, context_dim, modalities)
     if kind == "shared":
-        return SharedCrossAttention(dim, heads, context_dim)
+        return SharedCrossAttention(dim, heads, context_dim, modalities)
     raise ValueError(f"cross_attention must be 'decoupled' or 'shared', got {kind!r}")

@@ -21,6 +21,8 @@ from .sit import MupadSiT
 MODEL_CLASSES = {"MupadSiT": MupadSiT}
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What a hub download of a MUPAD checkpoint fetches: never pickles, never the whole repo.
+CHECKPOINT_FILES = ("config.json", "*.safetensors", "mupad_pipeline.json", "README.md")
 
 
 class CheckpointError(ValueError):
@@ -88,7 +90,7 @@ def load_model(path_or_id: str | Path, *, device=None, dtype=None) -> MupadSiT:
     """Load a MUPAD denoiser from a local folder or a hub id (cached under MUPAD_HOME)."""
     from ..hub import resolve_pretrained
 
-    folder = Path(resolve_pretrained(str(path_or_id)))
+    folder = Path(resolve_pretrained(str(path_or_id), CHECKPOINT_FILES))
     config = read_config(folder)
     class_name = config.get("_class_name", "MupadSiT")
     if class_name not in MODEL_CLASSES:

@@ -56,11 +56,12 @@ class Mlp(nn.Module):
 class SiTBlock(nn.Module):
     """adaLN-Zero block: self-attention, then the condition streams, then the MLP."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, cross_attention: str | None, qk_norm: bool):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, cross_attention: str | None, qk_norm: bool,
+                 modalities: tuple[str, ...] = ()):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, heads, qk_norm=qk_norm)
-        self.cross = build_cross_attention(cross_attention, dim, heads, dim) if cross_attention else None
+        self.cross = build_cross_attention(cross_attention, dim, heads, dim, modalities) if cross_attention else None
         self.norm_cross = nn.LayerNorm(dim, eps=1e-6) if cross_attention else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, mlp_ratio)
@@ -159,7 +160,8 @@ class MupadSiT(ModelMixin, ConfigMixin):
         )
         self.cls_embedder = nn.Linear(cls_dim, hidden_size) if cls_dim else None
         self.blocks = nn.ModuleList(
-            SiTBlock(hidden_size, num_heads, mlp_ratio, cross_attention if condition_dims else None, qk_norm)
+            SiTBlock(hidden_size, num_heads, mlp_ratio, cross_attention if condition_dims else None, qk_norm,
+                     tuple(condition_dims))
             for _ in range(depth)
         )
         for i, block in enumerate(self.blocks):

@@ -95,7 +95,8 @@ def load_vae(spec: str | Path, *, subfolder: str | None = None, device=None, dty
 
     from ..hub import resolve_pretrained
 
-    folder = resolve_pretrained(spec_str)
+    # A whole pipeline repo can be many GB: fetch only the VAE's config and safetensors.
+    folder = resolve_pretrained(spec_str, ["config.json", "*.safetensors", "vae/config.json", "vae/*.safetensors"])
     if subfolder is None and not (folder / "config.json").exists() and (folder / "vae" / "config.json").exists():
         subfolder = "vae"
     where = folder / subfolder if subfolder else folder
