@@ -6,7 +6,7 @@ import torch
 import zarr
 
 from mupad_core.demo import sample_slide_path
-from mupad_core.generate.engine import Cancelled, StainConfig, run_stain
+from mupad_core.generate.engine import Cancelled, StainConfig, blocks_with_tissue, run_stain
 from mupad_core.generate.models import DisagreeingWindowsHandle, IdentityHandle, SiTImageToImageHandle
 from mupad_core.generate.seams import seam_ratio, window_edges
 from mupad_core.models.sit import MupadSiT
@@ -101,8 +101,6 @@ def test_background_blocks_are_skipped_not_generated(cmu, tmp_path):
 
     # The slide's left edge below y=1536 is glass: that ROI's left blocks hold no tissue.
     cfg = StainConfig(roi=(0, 1600, 1024, 1024), steps=2, window_px=128, overlap_px=32, block_px=512, margin_px=128)
-    from mupad_core.demo import sample_slide_path
-from mupad_core.generate.engine import blocks_with_tissue
 
     everything = {(r, c) for r in range(2) for c in range(2)}
     blocks = blocks_with_tissue(cmu, cfg.roi, 1.0, 1024, 1024, 512, 128)
@@ -111,3 +109,28 @@ from mupad_core.generate.engine import blocks_with_tissue
     for row, col in everything - blocks:
         assert (out[row * 512 : (row + 1) * 512, col * 512 : (col + 1) * 512] == 255).all()
     assert len(calls) > 0
+
+
+def test_resume_with_other_pixel_settings_is_refused(cmu, tmp_path):
+    cfg = StainConfig(task="he2he", roi=(0, 0, 512, 256), steps=2, window_px=128, overlap_px=32, block_px=256,
+                      margin_px=128)
+
+    def stop(done, total):
+        raise Cancelled()
+
+    target = tmp_path / "r.ome.zarr"
+    with pytest.raises(Cancelled):
+        run_stain(cmu, tiny_handle(), target, cfg, progress=stop)
+    for change in ({"method": "sde"}, {"roi": (8, 0, 512, 256)}, {"overlap_px": 64}):
+        other = StainConfig(**{**vars(cfg), **change, "resume": True})
+        with pytest.raises(ValueError, match="cannot resume"):
+            run_stain(cmu, tiny_handle(), target, other)
+    # Batch size does not change pixels: resuming with another is fine.
+    run_stain(cmu, tiny_handle(), target, StainConfig(**{**vars(cfg), "batch_size": 3, "resume": True}))
+
+
+def test_settings_that_would_do_nothing_are_refused(cmu, tmp_path):
+    for bad, message in (({"steps": 0}, "steps"), ({"batch_size": 0}, "batch size"), ({"guidance": 2.0}, "guidance")):
+        with pytest.raises(ValueError, match=message):
+            run_stain(cmu, tiny_handle(), tmp_path / "x.ome.zarr", StainConfig(roi=(0, 0, 256, 256), **bad))
+    assert not list(tmp_path.iterdir())

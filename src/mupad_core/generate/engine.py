@@ -17,6 +17,8 @@ costs at window and block borders.
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -61,6 +63,14 @@ class StainConfig:
 
 
 def _check(config: StainConfig, handle: ModelHandle) -> None:
+    if config.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {config.steps}")
+    if config.batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {config.batch_size}")
+    if config.guidance != 0 and not handle.passthrough:
+        # The engine has no condition tokens to drop yet (they arrive with the task layer):
+        # accepting a guidance weight would record a setting that did nothing.
+        raise ValueError(f"guidance {config.guidance} needs condition tokens, which this engine does not pass yet; use 0")
     if config.block_px % config.chunk_px:
         raise ValueError(f"block size {config.block_px} must be a multiple of the chunk size {config.chunk_px}")
     if config.fusion not in ("cosine", "uniform"):
@@ -126,6 +136,36 @@ def read_passthrough(reader, roi, scale: float, oy: int, ox: int, oh: int, ow: i
     if pixels.dtype == np.uint8 and (lh, lw) == (oh, ow):
         return np.moveaxis(pixels, -1, 0)
     return (_as_float(pixels, oh, ow).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+class ReadAhead:
+    """`read(*box)` for each box in order, computed one box ahead in a worker thread.
+
+    Decoding the next block (openslide, numpy: they release the GIL) overlaps encoding
+    and writing this one. Only the worker calls `read`; leaving the `with` cancels what is
+    queued and waits for a read in flight, so the caller may close the reader right after.
+    """
+
+    def __init__(self, read: Callable, boxes: list[tuple]):
+        self._read, self._boxes = read, iter(boxes)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mupad-read-ahead")
+        self._pending: deque[Future] = deque()
+
+    def __enter__(self) -> ReadAhead:
+        self._submit()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self) -> None:
+        box = next(self._boxes, None)
+        if box is not None:
+            self._pending.append(self._pool.submit(self._read, *box))
+
+    def next(self):
+        self._submit()
+        return self._pending.popleft().result()
 
 
 def block_region(start: int, length: int, margin: int, window: int, stride: int) -> tuple[int, int]:
@@ -213,7 +253,9 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         "steps": config.steps,
         "guidance": config.guidance,
         "method": config.method,
-        "engine": {k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite")},
+        # Everything that changes pixels (a resume must match it); batch size does not.
+        "engine": {k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "batch_size")},
+        "batch_size": config.batch_size,
         "source": {"path": str(reader.path), "mpp": src_mpp, "roi_level0": list(roi)},
         "software": f"napari-mupad {__version__}",
     }
@@ -227,32 +269,35 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         tissue_blocks = blocks_with_tissue(reader, roi, scale, out_h, out_w, config.block_px, config.margin_px)
     noise = GlobalNoise(config.seed, handle.latent_channels)
     b, m, c, d = config.block_px, config.margin_px, config.chunk_px, handle.downscale
-    blocks = [(by, bx) for by in range(0, out_h, b) for bx in range(0, out_w, b)]
-    for n, (by, bx) in enumerate(blocks):
-        bh, bw = min(b, out_h - by), min(b, out_w - bx)
-        chunks = [(y, x) for y in range(by, by + bh, c) for x in range(bx, bx + bw, c)]
-        if all(ch in done for ch in chunks):
+    blocks = [(by, bx, min(b, out_h - by), min(b, out_w - bx)) for by in range(0, out_h, b) for bx in range(0, out_w, b)]
+    chunks_of = [[(y, x) for y in range(by, by + bh, c) for x in range(bx, bx + bw, c)] for by, bx, bh, bw in blocks]
+    todo = [block for block, chunks in zip(blocks, chunks_of) if not all(ch in done for ch in chunks)]
+    # Identity output is pure I/O: the next block is read while this one is encoded and written.
+    passthrough_reads = ReadAhead(lambda *box: read_passthrough(reader, roi, scale, *box), todo if handle.passthrough else [])
+    with passthrough_reads:
+        for n, ((by, bx, bh, bw), chunks) in enumerate(zip(blocks, chunks_of)):
+            if all(ch in done for ch in chunks):
+                if progress is not None:
+                    progress(n + 1, len(blocks))
+                continue
+            if handle.passthrough:
+                out = passthrough_reads.next()
+            elif tissue_blocks is not None and (by // b, bx // b) not in tissue_blocks:
+                out = np.full((handle.out_channels, bh, bw), 255 if handle.out_channels == 3 else 0, dtype=np.uint8)
+            else:
+                win, stride, margin = config.window_px // d, (config.window_px - config.overlap_px) // d, m // d
+                ly0, ly1 = block_region(by // d, -(-bh // d), margin, win, stride)
+                lx0, lx1 = block_region(bx // d, -(-bw // d), margin, win, stride)
+                source = read_source(reader, roi, scale, ly0 * d, lx0 * d, (ly1 - ly0) * d, (lx1 - lx0) * d)
+                full = generate_block(handle, source, (ly0, lx0), noise, config)
+                pixels = full[:, by - ly0 * d : by - ly0 * d + bh, bx - lx0 * d : bx - lx0 * d + bw]
+                out = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            if not any(ch in done for ch in chunks):
+                writer.write_tile(by, bx, out)  # one call: zarr encodes the chunks together, one progress record
+            else:
+                for y, x in chunks:
+                    if (y, x) not in done:
+                        writer.write_tile(y, x, out[:, y - by : y - by + c, x - bx : x - bx + c])
             if progress is not None:
                 progress(n + 1, len(blocks))
-            continue
-        if handle.passthrough:
-            out = read_passthrough(reader, roi, scale, by, bx, bh, bw)
-        elif tissue_blocks is not None and (by // b, bx // b) not in tissue_blocks:
-            out = np.full((handle.out_channels, bh, bw), 255 if handle.out_channels == 3 else 0, dtype=np.uint8)
-        else:
-            win, stride, margin = config.window_px // d, (config.window_px - config.overlap_px) // d, m // d
-            ly0, ly1 = block_region(by // d, -(-bh // d), margin, win, stride)
-            lx0, lx1 = block_region(bx // d, -(-bw // d), margin, win, stride)
-            source = read_source(reader, roi, scale, ly0 * d, lx0 * d, (ly1 - ly0) * d, (lx1 - lx0) * d)
-            full = generate_block(handle, source, (ly0, lx0), noise, config)
-            pixels = full[:, by - ly0 * d : by - ly0 * d + bh, bx - lx0 * d : bx - lx0 * d + bw]
-            out = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        if not any(ch in done for ch in chunks):
-            writer.write_tile(by, bx, out)  # one call: zarr encodes the chunks together, one progress record
-        else:
-            for y, x in chunks:
-                if (y, x) not in done:
-                    writer.write_tile(y, x, out[:, y - by : y - by + c, x - bx : x - bx + c])
-        if progress is not None:
-            progress(n + 1, len(blocks))
     return writer.finalize()
