@@ -103,7 +103,7 @@ def test_background_blocks_are_skipped_not_generated(cmu, tmp_path):
     cfg = StainConfig(roi=(0, 1600, 1024, 1024), steps=2, window_px=128, overlap_px=32, block_px=512, margin_px=128)
 
     everything = {(r, c) for r in range(2) for c in range(2)}
-    blocks = blocks_with_tissue(cmu, cfg.roi, 1.0, 1024, 1024, 512, 128)
+    blocks = blocks_with_tissue(cmu, cfg.roi, (1.0, 1.0), 1024, 1024, 512, 128)
     assert blocks and blocks != everything, f"fixture assumption: some but not all blocks have tissue ({blocks})"
     out = level0(run_stain(cmu, Counting(), tmp_path / "bg.ome.zarr", cfg))
     for row, col in everything - blocks:
@@ -134,3 +134,92 @@ def test_settings_that_would_do_nothing_are_refused(cmu, tmp_path):
         with pytest.raises(ValueError, match=message):
             run_stain(cmu, tiny_handle(), tmp_path / "x.ome.zarr", StainConfig(roi=(0, 0, 256, 256), **bad))
     assert not list(tmp_path.iterdir())
+
+
+def test_resampled_output_does_not_depend_on_block_size(cmu, tmp_path):
+    """At a target pixel size other than the scan's, each output pixel is a function of its
+    global position only: cutting the ROI into other blocks changes nothing."""
+    src = cmu.level_mpp(0)[0]
+    for factor in (1.37, 0.6):  # downsampling and upsampling
+        cfg = StainConfig(roi=(101, 203, 1100, 900), target_mpp=src * factor, block_px=256, chunk_px=256)
+        small = level0(run_stain(cmu, IdentityHandle(), tmp_path / f"s{factor}.ome.zarr", cfg))
+        large = level0(run_stain(cmu, IdentityHandle(), tmp_path / f"l{factor}.ome.zarr",
+                                 StainConfig(**{**vars(cfg), "block_px": 1024})))
+        assert small.shape == (round(900 / factor), round(1100 / factor), 3)
+        assert np.array_equal(small, large)
+
+
+def test_resampling_matches_pil_antialiased_bilinear(cmu, tmp_path):
+    """The slide-wide map is the usual centre-aligned antialiased bilinear resize (PIL's),
+    so stained pixels sit where a viewer scaling the source would put them."""
+    from PIL import Image
+
+    roi = (400, 600, 900, 700)
+    factor = 1.37
+    out = level0(run_stain(cmu, IdentityHandle(), tmp_path / "r.ome.zarr",
+                           StainConfig(roi=roi, target_mpp=cmu.level_mpp(0)[0] * factor, block_px=256)))
+    region = Image.fromarray(cmu.read_region(0, roi[0], roi[1], roi[2] + 8, roi[3] + 8))
+    box = (0, 0, out.shape[1] * factor, out.shape[0] * factor)  # the exact step, not size/size
+    expected = np.asarray(region.resize((out.shape[1], out.shape[0]), Image.BILINEAR, box=box))
+    inner = (slice(3, -3), slice(3, -3))  # PIL clips its kernel at the region's edge; we read real neighbours
+    diff = np.abs(out[inner].astype(int) - expected[inner].astype(int))
+    assert diff.max() <= 2, diff.max()
+    assert diff.mean() < 0.3, diff.mean()
+
+
+def test_whole_slide_sde_steps_as_the_sampler_does(cmu):
+    """One window, no fusion: the engine's fused SDE loop is `samplers.sample` with the
+    global noise field as its Brownian increments."""
+    from mupad_core.generate.canvas import GlobalNoise
+    from mupad_core.generate.engine import generate_block
+    from mupad_core.transport.samplers import sample
+
+    handle = tiny_handle()
+    cfg = StainConfig(steps=3, method="sde", window_px=64, overlap_px=0)
+    source = torch.from_numpy(cmu.read_region(0, 512, 512, 64, 64)).permute(2, 0, 1).float() / 255
+    noise = GlobalNoise(5, handle.latent_channels)
+    engine_out = generate_block(handle, source, (0, 0), noise, cfg)
+
+    latent = handle.prepare(source).source_latent
+    h, w = latent.shape[-2:]
+    result = sample(handle.model, noise.window(0, 0, h, w, step=0)[None], None, method="sde", steps=3,
+                    concat=latent[None], sde_noise=lambda k, shape: noise.window(0, 0, h, w, step=k + 1)[None])
+    reference = handle.decode(result.x[0]).clamp(0, 1)
+    torch.testing.assert_close(engine_out, reference, atol=1e-5, rtol=0)
+    assert not torch.allclose(engine_out, source, atol=1e-2)  # the network really acted
+
+
+def test_resume_rewrites_only_the_missing_chunks_of_a_block(cmu, tmp_path):
+    """A block with some chunks on disk and some not (a record lost in a crash) is
+    regenerated and only its missing chunks are written; the result is still exact."""
+    import base64
+    import json
+
+    from mupad_core.store.omezarr import PROGRESS_FILE
+
+    cfg = StainConfig(task="he2he", roi=(64, 64, 512, 256), steps=2, window_px=64, overlap_px=16,
+                      block_px=256, chunk_px=128, margin_px=64)
+    whole = level0(run_stain(cmu, tiny_handle(), tmp_path / "whole.ome.zarr", cfg))
+
+    def stop_after_first(done, total):
+        raise Cancelled()
+
+    target = tmp_path / "t.ome.zarr"
+    with pytest.raises(Cancelled):
+        run_stain(cmu, tiny_handle(), target, cfg, progress=stop_after_first)
+    partial = target.with_name(target.name + ".partial")
+    record_path = partial / PROGRESS_FILE
+    record = json.loads(record_path.read_text())
+    done = np.unpackbits(np.frombuffer(base64.b64decode(record["done"]), np.uint8), count=2 * 4).reshape(2, 4)
+    assert done[:, :2].all() and not done[:, 2:].any()  # the first 256-px block: 2 x 2 chunks
+    done[1, 1] = False  # lose one chunk's record, and scribble over the other three
+    record["done"] = base64.b64encode(np.packbits(done)).decode("ascii")
+    record_path.write_text(json.dumps(record))
+    array = zarr.open_group(str(partial), mode="r+")["0"]
+    array[:, 128:256, 128:256] = 0
+    array[:, 0:128, 0:128] = 7
+
+    out = level0(run_stain(cmu, tiny_handle(), target, StainConfig(**{**vars(cfg), "resume": True})))
+    assert np.array_equal(out[128:, 128:256], whole[128:, 128:256])  # the lost chunk, regenerated exactly
+    assert (out[:128, :128] == 7).all()  # a chunk recorded as done is trusted, not rewritten
+    assert np.array_equal(out[:, 256:], whole[:, 256:])

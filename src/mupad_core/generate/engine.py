@@ -25,13 +25,14 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import __version__
 from ..store import PyramidWriter
+from ..transport.samplers import sde_step, time_grid
 from .canvas import GlobalNoise
 from .fusion import ramp_weights, window_grid
 from .models import ModelHandle
+from .resample import PixelMap, pixel_map, read_resampled, to_unit_float
 
 ProgressCallback = Callable[[int, int], None]  # (blocks done, total); may raise to cancel
 
@@ -84,58 +85,40 @@ def _check(config: StainConfig, handle: ModelHandle) -> None:
             raise ValueError(f"{name}={getattr(config, name)} must be a multiple of the latent downscale {handle.downscale}")
 
 
-def output_geometry(reader, config: StainConfig) -> tuple[tuple[int, int, int, int], float, float, int, int]:
-    """ROI in level-0 px, source mpp, target mpp, and the output (height, width)."""
-    src_mpp = reader.level_mpp(0)[0]
-    target = config.target_mpp or src_mpp
+def output_geometry(reader, config: StainConfig) -> tuple[tuple[int, int, int, int], tuple[float, float], float, int, int]:
+    """ROI in level-0 px, source (x, y) mpp, target mpp, and the output (height, width).
+
+    The output has square pixels; by default the source's own size (its finer axis where
+    the scanner's pixels are not square, so nothing is lost).
+    """
+    src_mpp = reader.level_mpp(0)
+    target = config.target_mpp or min(src_mpp)
     width0, height0 = reader.dimensions
     x, y, w, h = config.roi or (0, 0, width0, height0)
     if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > width0 or y + h > height0:
         raise ValueError(f"{reader.path.name}: ROI x={x} y={y} w={w} h={h} is not inside the slide ({width0} x {height0})")
-    scale = target / src_mpp
-    return (x, y, w, h), src_mpp, target, max(1, round(h / scale)), max(1, round(w / scale))
+    return (x, y, w, h), src_mpp, target, max(1, round(h * src_mpp[1] / target)), max(1, round(w * src_mpp[0] / target))
 
 
-def source_box(reader, roi, scale: float, oy: int, ox: int, oh: int, ow: int) -> tuple[int, int, int, int, int]:
-    """The source level and region (x, y, w, h in that level's px) behind output box (oy, ox, oh, ow)."""
-    x0 = roi[0] + ox * scale
-    y0 = roi[1] + oy * scale
-    level = reader.best_level_for_mpp(reader.level_mpp(0)[0] * scale)
-    ds = reader.level_downsamples[level]
-    lx, ly = math.floor(x0 / ds), math.floor(y0 / ds)
-    lw = math.ceil((x0 + ow * scale) / ds) - lx
-    lh = math.ceil((y0 + oh * scale) / ds) - ly
-    return level, lx, ly, lw, lh
-
-
-def _as_float(pixels: np.ndarray, oh: int, ow: int) -> torch.Tensor:
-    """(h, w, C) source pixels as (C, oh, ow) float in [0, 1], resampled to the target size."""
-    lh, lw = pixels.shape[:2]
-    peak = 255.0 if pixels.dtype == np.uint8 else float(np.iinfo(pixels.dtype).max) if pixels.dtype.kind == "u" else 1.0
-    t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / peak
-    if (lh, lw) != (oh, ow):
-        t = F.interpolate(t[None], size=(oh, ow), mode="area" if lh >= oh else "bilinear")[0]
-    return t
-
-
-def read_source(reader, roi, scale: float, oy: int, ox: int, oh: int, ow: int) -> torch.Tensor:
+def read_source(reader, pmap: PixelMap, oy: int, ox: int, oh: int, ow: int) -> torch.Tensor:
     """Source pixels (C, oh, ow) float in [0, 1] of output box (oy, ox) at the target size."""
-    level, lx, ly, lw, lh = source_box(reader, roi, scale, oy, ox, oh, ow)
-    return _as_float(reader.read_region(level, lx, ly, lw, lh), oh, ow)
+    pixels = read_resampled(reader, pmap, oy, ox, oh, ow)
+    return to_unit_float(pixels) if isinstance(pixels, np.ndarray) else pixels
 
 
-def read_passthrough(reader, roi, scale: float, oy: int, ox: int, oh: int, ow: int) -> np.ndarray:
+def read_passthrough(reader, pmap: PixelMap, oy: int, ox: int, oh: int, ow: int) -> np.ndarray:
     """Output pixels (C, oh, ow) uint8 of a passthrough (identity) block.
 
-    A uint8 source read at the output size is passed on as it is: the bytes the float
-    round trip would give (x / 255 * 255 rounds back to x), at none of its cost. Other
-    dtypes and resampled reads go through `read_source` and the usual conversion.
+    A uint8 source at the output size is passed on as it is: the bytes the float round
+    trip would give (x / 255 * 255 rounds back to x), at none of its cost. Other dtypes
+    and resampled reads go through the usual conversion.
     """
-    level, lx, ly, lw, lh = source_box(reader, roi, scale, oy, ox, oh, ow)
-    pixels = reader.read_region(level, lx, ly, lw, lh)
-    if pixels.dtype == np.uint8 and (lh, lw) == (oh, ow):
-        return np.moveaxis(pixels, -1, 0)
-    return (_as_float(pixels, oh, ow).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    pixels = read_resampled(reader, pmap, oy, ox, oh, ow)
+    if isinstance(pixels, np.ndarray):
+        if pixels.dtype == np.uint8:
+            return np.moveaxis(pixels, -1, 0)
+        pixels = to_unit_float(pixels)
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 class ReadAhead:
@@ -197,7 +180,7 @@ def generate_block(handle: ModelHandle, source: torch.Tensor, origin_latent: tup
         weight_sum[w.y : w.y + w.h, w.x : w.x + w.w] += weight
     oy, ox = origin_latent
     x = noise.window(oy, ox, hl, wl, step=0)
-    ts = torch.linspace(0.0, 1.0, config.steps + 1, dtype=torch.float64)
+    ts = time_grid(config.steps)
     for i in range(config.steps):
         t0, dt = float(ts[i]), float(ts[i + 1] - ts[i])
         velocity = torch.zeros_like(x)
@@ -208,27 +191,27 @@ def generate_block(handle: ModelHandle, source: torch.Tensor, origin_latent: tup
             for w, vk in zip(group, v):
                 velocity[:, w.y : w.y + w.h, w.x : w.x + w.w] += vk * weight
         velocity /= weight_sum
-        if config.method == "sde" and i < config.steps - 1:
-            scale = 1.0 - t0  # w(t) of samplers.sample, written out for the fused velocity
-            drift = velocity + 0.5 * scale * (-(x - t0 * velocity) / max(1 - t0, 1e-5))
-            x = x + dt * drift + math.sqrt(scale * dt) * noise.window(oy, ox, hl, wl, step=i + 1)
+        if config.method == "sde":
+            last = i == config.steps - 1
+            x = sde_step(x, velocity, t0, dt, None if last else noise.window(oy, ox, hl, wl, step=i + 1))
         else:
             x = x + dt * velocity
     return handle.decode(x).clamp(0, 1)
 
 
-def blocks_with_tissue(reader, roi, scale: float, out_h: int, out_w: int, block: int, margin: int) -> set[tuple[int, int]]:
-    """(row, col) of the output blocks whose box (plus margin) touches tissue."""
+def blocks_with_tissue(reader, roi, scale: tuple[float, float], out_h: int, out_w: int, block: int, margin: int) -> set[tuple[int, int]]:
+    """(row, col) of the output blocks whose box (plus margin) touches tissue; `scale` is
+    (x, y) level-0 px per output px."""
     from ..slide.tissue import tissue_mask
 
     mask, downsample = tissue_mask(reader)
     keep = set()
     for row, by in enumerate(range(0, out_h, block)):
         for col, bx in enumerate(range(0, out_w, block)):
-            x0 = (roi[0] + (bx - margin) * scale) / downsample
-            y0 = (roi[1] + (by - margin) * scale) / downsample
-            x1 = (roi[0] + (bx + block + margin) * scale) / downsample
-            y1 = (roi[1] + (by + block + margin) * scale) / downsample
+            x0 = (roi[0] + (bx - margin) * scale[0]) / downsample
+            y0 = (roi[1] + (by - margin) * scale[1]) / downsample
+            x1 = (roi[0] + (bx + block + margin) * scale[0]) / downsample
+            y1 = (roi[1] + (by + block + margin) * scale[1]) / downsample
             box = mask[max(int(y0), 0) : max(math.ceil(y1), 0), max(int(x0), 0) : max(math.ceil(x1), 0)]
             if box.any():
                 keep.add((row, col))
@@ -244,7 +227,8 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
     """
     _check(config, handle)
     roi, src_mpp, target_mpp, out_h, out_w = output_geometry(reader, config)
-    scale = target_mpp / src_mpp
+    scale = (target_mpp / src_mpp[0], target_mpp / src_mpp[1])
+    pmap = pixel_map(reader, roi, target_mpp)
     provenance = {
         "model_id": handle.model_id,
         "weights_hash": handle.weights_hash,
@@ -256,7 +240,7 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         # Everything that changes pixels (a resume must match it); batch size does not.
         "engine": {k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "batch_size")},
         "batch_size": config.batch_size,
-        "source": {"path": str(reader.path), "mpp": src_mpp, "roi_level0": list(roi)},
+        "source": {"path": str(reader.path), "mpp": list(src_mpp), "roi_level0": list(roi)},
         "software": f"napari-mupad {__version__}",
     }
     writer = PyramidWriter(
@@ -273,7 +257,7 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
     chunks_of = [[(y, x) for y in range(by, by + bh, c) for x in range(bx, bx + bw, c)] for by, bx, bh, bw in blocks]
     todo = [block for block, chunks in zip(blocks, chunks_of) if not all(ch in done for ch in chunks)]
     # Identity output is pure I/O: the next block is read while this one is encoded and written.
-    passthrough_reads = ReadAhead(lambda *box: read_passthrough(reader, roi, scale, *box), todo if handle.passthrough else [])
+    passthrough_reads = ReadAhead(lambda *box: read_passthrough(reader, pmap, *box), todo if handle.passthrough else [])
     with passthrough_reads:
         for n, ((by, bx, bh, bw), chunks) in enumerate(zip(blocks, chunks_of)):
             if all(ch in done for ch in chunks):
@@ -288,7 +272,7 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
                 win, stride, margin = config.window_px // d, (config.window_px - config.overlap_px) // d, m // d
                 ly0, ly1 = block_region(by // d, -(-bh // d), margin, win, stride)
                 lx0, lx1 = block_region(bx // d, -(-bw // d), margin, win, stride)
-                source = read_source(reader, roi, scale, ly0 * d, lx0 * d, (ly1 - ly0) * d, (lx1 - lx0) * d)
+                source = read_source(reader, pmap, ly0 * d, lx0 * d, (ly1 - ly0) * d, (lx1 - lx0) * d)
                 full = generate_block(handle, source, (ly0, lx0), noise, config)
                 pixels = full[:, by - ly0 * d : by - ly0 * d + bh, bx - lx0 * d : bx - lx0 * d + bw]
                 out = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()

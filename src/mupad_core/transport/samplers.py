@@ -156,13 +156,21 @@ def _normal(shape, like: torch.Tensor, generator, sde_noise, step: int) -> torch
     return z.to(like.device, like.dtype)
 
 
+def sde_step(x: torch.Tensor, v: torch.Tensor, t: float, dt: float, normal: torch.Tensor | None,
+             scale: float = 1.0) -> torch.Tensor:
+    """One Euler-Maruyama step from x at t with velocity v; `normal=None` takes the mean
+    update only (the last step, as in SiT). Public so the whole-slide engine, which fuses
+    velocities across windows first, steps exactly as `sample` does."""
+    w = scale * (1.0 - t)
+    drift = v + 0.5 * w * path.score(x, v, torch.full((x.shape[0],), t, device=x.device))
+    if normal is None:
+        return x + dt * drift
+    return x + dt * drift + (w * dt) ** 0.5 * normal
+
+
 def _sde_step(x, cls, v, cv, t, dt, scale, last, draw):
     def step(state, vel):
-        w = scale * (1.0 - t)
-        drift = vel + 0.5 * w * path.score(state, vel, torch.full((state.shape[0],), t, device=state.device))
-        if last:  # final step: mean update, no fresh noise, as in SiT
-            return state + dt * drift
-        return state + dt * drift + (w * dt) ** 0.5 * draw(state.shape)
+        return sde_step(state, vel, t, dt, None if last else draw(state.shape), scale)
 
     return step(x, v), (None if cls is None else step(cls, cv))
 

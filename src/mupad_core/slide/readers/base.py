@@ -112,7 +112,11 @@ def composite_alpha(rgba: np.ndarray, background: float, *, premultiplied: bool)
     """Drop alpha by compositing onto the background, so transparent reads as 'no slide here'.
 
     Straight alpha is what openslide-python, PNG and most TIFFs give; TIFF 'associated'
-    alpha is premultiplied."""
+    alpha is premultiplied. Fully opaque regions (nearly every tile of a scan) skip the
+    float arithmetic: compositing them would return their colour unchanged."""
+    opaque = np.iinfo(rgba.dtype).max if rgba.dtype.kind in "ui" else 1.0
+    if (rgba[..., 3] == opaque).all():
+        return np.ascontiguousarray(rgba[..., :3])
     rgb = rgba[..., :3].astype(np.float32)
     alpha = rgba[..., 3:4].astype(np.float32) / float(np.iinfo(rgba.dtype).max if rgba.dtype.kind in "ui" else 1.0)
     composited = rgb + background * (1 - alpha) if premultiplied else rgb * alpha + background * (1 - alpha)
