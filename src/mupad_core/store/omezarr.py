@@ -90,7 +90,8 @@ class PyramidWriter:
     ``resume=True`` continues an existing ``<name>.partial`` written with the same parameters
     (skip ``done_tiles()``); ``overwrite=True`` replaces an existing result at ``finalize()`` and
     discards a stale partial store. Version "0.4" is the default: more readers understand it.
-    ``provenance`` must be JSON-serialisable. One writer per store, used from one thread.
+    ``provenance`` must be JSON-serialisable; ``generated=False`` marks an export of real,
+    scanned pixels (no generated-image notice). One writer per store, used from one thread.
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class PyramidWriter:
         min_level_px: int = 1024,
         resume: bool = False,
         overwrite: bool = False,
+        generated: bool = True,
     ) -> None:
         if version not in FORMATS:
             raise ValueError(f"OME-Zarr version must be one of {sorted(FORMATS)}, got {version!r}")
@@ -138,6 +140,7 @@ class PyramidWriter:
         self._provenance = dict(provenance or {})
         self._grid = (math.ceil(self.shape[1] / self.chunk), math.ceil(self.shape[2] / self.chunk))
         self._finalized = False
+        self.generated = generated  # False for exports of real (scanned) pixels: no generated-image notice
 
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} already exists; pass overwrite=True to replace it")
@@ -365,9 +368,8 @@ class PyramidWriter:
             "software": f"napari-mupad {__version__}",
             **self._provenance,
             "kind": self.kind,
-            "generated": True,
-            "not_for_diagnosis": True,
-            "notice": NOTICE,
+            "generated": self.generated,
+            **({"not_for_diagnosis": True, "notice": NOTICE} if self.generated else {}),
         }
 
     def _omero(self, smallest_level: zarr.Array) -> dict[str, Any]:

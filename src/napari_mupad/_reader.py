@@ -1,0 +1,109 @@
+"""npe2 reader: whole-slide files and OME-Zarr images as lazy napari layers.
+
+`get_reader` claims paths by name (and zarr folders by their NGFF metadata) without
+opening them, and returns None for anything else so napari can try other readers. The
+claimed file is opened by `mupad_core.slide.open_slide`; a file that turns out to be
+corrupt raises a `SlideError` whose one-line message names the file and the problem,
+which napari shows as a notification. Nothing is decoded at open but one pixel of the
+coarsest level, so a file whose tiles cannot be read fails here rather than mid-draw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mupad_core.slide.readers import MissingPixelSizeError, SlideError, SlideReader, open_slide
+from napari_mupad._layers import LayerDataTuple, slide_layer_data
+
+# Files open_slide reads (OpenSlide's formats, TIFF/OME-TIFF, DICOM, flat images).
+SLIDE_SUFFIXES = (
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".bif",
+    ".vms",
+    ".vmu",
+    ".svslide",
+    ".tif",
+    ".tiff",
+    ".btf",
+    ".dcm",
+    ".png",
+    ".jpg",
+    ".jpeg",
+)
+ZARR_METADATA_FILES = (".zattrs", "zarr.json")
+
+ReaderFunction = Callable[[Any], list[LayerDataTuple]]
+
+
+def get_reader(path: str | os.PathLike | list) -> ReaderFunction | None:
+    """`read_slide` for a slide file, our OME-Zarr or any NGFF image folder; None otherwise."""
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None  # stacks of slides are not a thing
+        path = path[0]
+    if not isinstance(path, str | os.PathLike):
+        return None
+    path = Path(path)
+    if path.is_dir():
+        claimed = path.name.lower().endswith(".ome.zarr") or is_ngff_image(path) or any(path.glob("*.dcm"))
+        return read_slide if claimed else None
+    return read_slide if path.name.lower().endswith(SLIDE_SUFFIXES) else None
+
+
+def is_ngff_image(folder: Path) -> bool:
+    """Whether a zarr group's attributes hold NGFF multiscales (read as JSON, no zarr needed)."""
+    for name in ZARR_METADATA_FILES:
+        try:
+            document = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        attributes = document.get("attributes", document) if name == "zarr.json" else document
+        ngff = attributes.get("ome", attributes) if isinstance(attributes, dict) else {}
+        if isinstance(ngff, dict) and ngff.get("multiscales"):
+            return True
+    return False
+
+
+def read_slide(path: str | os.PathLike | list) -> list[LayerDataTuple]:
+    """Layer data tuples for the slide(s) at `path`."""
+    paths = path if isinstance(path, list) else [path]
+    layers: list[LayerDataTuple] = []
+    for one_path in paths:
+        layers.extend(slide_layer_data(open_for_viewing(Path(one_path))))
+    return layers
+
+
+def open_for_viewing(path: Path) -> SlideReader:
+    """Open lazily; a file without a pixel size opens in pixels with a warning; any failure
+    is a one-line `SlideError` naming the file."""
+    try:
+        try:
+            reader = open_slide(path)
+        except MissingPixelSizeError as error:
+            reader = open_slide(path, require_mpp=False)
+            warn_no_pixel_size(path, error)
+        try:
+            reader.levels[-1][:1, :1].compute(scheduler="sync")
+        except BaseException:
+            reader.close()
+            raise
+        return reader
+    except SlideError:
+        raise
+    except Exception as error:  # a decoder's or zarr's own complaint about a damaged file
+        raise SlideError(path, f"cannot be opened: {type(error).__name__}: {error}") from error
+
+
+def warn_no_pixel_size(path: Path, error: MissingPixelSizeError) -> None:
+    """A napari warning notification: measurements on this layer are in pixels."""
+    from napari.utils.notifications import show_warning
+
+    reason = error.problem.split(";")[0]
+    show_warning(f"{path}: {reason}; it is shown in pixels (scale 1), not micrometres")
