@@ -53,6 +53,41 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .train.config import load_config
+    from .train.run import train
+
+    config = load_config(args.config)
+    if args.out_dir:
+        config.out_dir = str(Path(args.out_dir).resolve())
+    if args.steps:
+        config.train.steps = args.steps
+    result = train(config, resume=args.resume, stop_after=args.stop_after, progress_bar=not args.quiet)
+    if result.model_dir is None and os.environ.get("RANK", "0") == "0":
+        print(f"stopped at step {result.steps}; continue with: mupad train {args.config} --resume")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    import json
+
+    from .zoo import list_models
+
+    entries = list_models()
+    if args.json:
+        print(json.dumps([e.as_dict() for e in entries], indent=2))
+        return 0
+    if not entries:
+        print("no bundled or cached MUPAD models; train one with `mupad train CONFIG.yaml`, "
+              "or pass --model a folder or hub id")
+        return 0
+    print(f"{'id':<28} {'source':<8} {'tasks':<18} {'conditions':<16} {'MB':>6}")
+    for e in entries:
+        print(f"{e.id:<28} {e.source:<8} {','.join(e.tasks):<18} {','.join(e.conditions) or '-':<16} {e.size_mb:>6.1f}")
+    print("plus: identity (returns its input; any task, for checks and benchmarks)")
+    return 0
+
+
 def _resolve_device(name: str) -> str:
     import torch
 
@@ -184,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--mpp", type=float, help="pixel size for slides whose files have none")
     _add_run_args(batch)
     batch.set_defaults(func=_cmd_stain_batch)
+
+    train = sub.add_parser("train", help="train a MUPAD model from a YAML config (CPU, GPU, or torchrun for many)")
+    train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    train.add_argument("--out-dir", help="override the config's out_dir")
+    train.add_argument("--steps", type=int, help="override train.steps")
+    train.add_argument("--stop-after", type=int, help="stop cleanly after this many steps in total (resumable)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    models = sub.add_parser("models", help="the bundled and cached models, with the tasks each supports")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.set_defaults(func=_cmd_models)
 
     version = sub.add_parser("version", help="versions of napari-mupad, torch and CUDA availability")
     version.set_defaults(func=_cmd_version)

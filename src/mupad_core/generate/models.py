@@ -120,14 +120,14 @@ class DisagreeingWindowsHandle(SiTImageToImageHandle):
 
 
 def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
-    """`identity`, or a MUPAD checkpoint (folder or hub id) with a spatial-template input."""
+    """`identity`, or a MUPAD checkpoint (bundled id, folder or hub id) with a spatial-template input."""
     if spec == "identity":
         return IdentityHandle()
-    from ..hub import resolve_pretrained
     from ..models.checkpoint import CHECKPOINT_FILES, load_model, read_pipeline, weights_sha256
     from ..models.vae import load_vae
+    from ..zoo import resolve_model
 
-    folder = resolve_pretrained(spec, CHECKPOINT_FILES)
+    folder = resolve_model(spec, CHECKPOINT_FILES)
     pipeline = read_pipeline(folder)
     tasks = pipeline.get("tasks")
     if tasks and task not in tasks:

@@ -47,16 +47,27 @@ class TrainConfig:
 
 
 class Trainer:
-    """Owns the optimiser, EMA and RNG of one training run."""
+    """Owns the optimiser, EMA and RNG of one training run.
 
-    def __init__(self, model: nn.Module, config: TrainConfig, extra_modules: Iterable[nn.Module] = ()):
+    `model` may be wrapped in DistributedDataParallel; `share=(rank, world)` then says
+    which part of the global batch this process holds (see `training_loss`). `autocast`
+    is a dtype (bf16 on GPU) or None.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, extra_modules: Iterable[nn.Module] = (),
+                 share: tuple[int, int] = (0, 1), autocast: torch.dtype | None = None,
+                 sync_grads: Callable[[], None] | None = None):
         self.model = model
+        self.module = getattr(model, "module", model)  # the bare network under a DDP wrapper
         self.config = config
         self.extra_modules = list(extra_modules)
-        params = [p for m in [model, *self.extra_modules] for p in m.parameters() if p.requires_grad]
+        self.share = share
+        self.autocast = autocast
+        self.sync_grads = sync_grads  # called after backward (e.g. all-reduce of modules outside DDP)
+        params = [p for m in [self.module, *self.extra_modules] for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.ema = make_ema(model, config.ema_decay) if config.ema_decay else None
+        self.ema = make_ema(self.module, config.ema_decay) if config.ema_decay else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -77,24 +88,29 @@ class Trainer:
         for m in self.extra_modules:
             m.train()
         batch = make_batch(self.step, self.generator)
-        terms = training_loss(
-            self.model,
-            batch.latents,
-            batch.conditions,
-            cls_target=batch.cls_target,
-            teacher_features=batch.teacher_features,
-            concat=batch.concat,
-            config=self.config.loss,
-            generator=self.generator,
-        )
+        device_type = batch.latents.device.type
+        with torch.autocast(device_type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            terms = training_loss(
+                self.model,
+                batch.latents,
+                batch.conditions,
+                cls_target=batch.cls_target,
+                teacher_features=batch.teacher_features,
+                concat=batch.concat,
+                config=self.config.loss,
+                generator=self.generator,
+                share=self.share,
+            )
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
+        if self.sync_grads is not None:
+            self.sync_grads()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip) if self.config.grad_clip else None
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            self.ema.update_parameters(self.module)
         self.step += 1
         record = {"step": self.step, **{f"loss_{k}": v for k, v in terms.as_floats().items()}}
         if grad_norm is not None:
@@ -122,4 +138,25 @@ class Trainer:
 
     def averaged_model(self) -> nn.Module:
         """The EMA weights when kept (what sampling should use), else the live model."""
-        return self.ema.module if self.ema is not None else self.model
+        return self.ema.module if self.ema is not None else self.module
+
+    def state_dict(self) -> dict:
+        """Everything besides the weights that an exact resume needs."""
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "extra_modules": [m.state_dict() for m in self.extra_modules],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        for module, module_state in zip(self.extra_modules, state["extra_modules"]):
+            module.load_state_dict(module_state)

@@ -35,15 +35,25 @@ class LossTerms:
         return {k: float(v.detach()) for k, v in vars(self).items() if v is not None}
 
 
-def drop_conditions(conditions: Conditions | None, p: float, generator: torch.Generator | None = None):
+def drop_conditions(conditions: Conditions | None, p: float, generator: torch.Generator | None = None,
+                    share: tuple[int, int] = (0, 1)):
     """Switch each modality off for each sample with probability p (presence -> 0)."""
     if conditions is None or p <= 0:
         return conditions
     presence = {}
     for name, flag in conditions.presence.items():
-        keep = torch.rand(flag.shape, generator=generator, device=flag.device if generator is None else "cpu")
+        keep = _draw(torch.rand, flag.shape, generator, flag.device if generator is None else "cpu", share)
         presence[name] = flag.float() * (keep.to(flag.device) >= p).float()
     return Conditions(dict(conditions.tokens), dict(conditions.masks), presence)
+
+
+def _draw(fn, shape, generator, device, share: tuple[int, int]) -> torch.Tensor:
+    """`fn(shape)` drawn for the whole global batch, this part kept (see `training_loss`)."""
+    rank, world = share
+    if world == 1:
+        return fn(tuple(shape), generator=generator, device=device)
+    b = shape[0]
+    return fn((b * world, *shape[1:]), generator=generator, device=device)[rank * b : (rank + 1) * b]
 
 
 def alignment_loss(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -77,19 +87,27 @@ def training_loss(
     concat: torch.Tensor | None = None,
     config: LossConfig = LossConfig(),
     generator: torch.Generator | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> LossTerms:
-    """One stochastic estimate of the MUPAD loss on a batch of clean latents."""
-    b = x_data.shape[0]
+    """One stochastic estimate of the MUPAD loss on a batch of clean latents.
+
+    `share=(rank, world)`: this batch is part `rank` of `world` equal parts of a global
+    batch (data-parallel training). Times, noise and dropout are drawn for the global batch
+    from the shared generator and this part is kept, so a run gives the same numbers on
+    one process or on many.
+    """
     dev = x_data.device
     gen_dev = "cpu" if generator is not None else dev
-    t = path.sample_time(b, config.time_sampling, generator=generator, device=gen_dev).to(dev)
-    noise = torch.randn(x_data.shape, generator=generator, device=gen_dev).to(dev, x_data.dtype)
+    t = _draw(lambda n, generator, device: path.sample_time(n[0], config.time_sampling, generator=generator,
+                                                            device=device), (x_data.shape[0],), generator, gen_dev,
+              share).to(dev)
+    noise = _draw(torch.randn, x_data.shape, generator, gen_dev, share).to(dev, x_data.dtype)
     x_t = path.interpolate(x_data, noise, t)
     cls_t = None
     if cls_target is not None:
-        cls_noise = torch.randn(cls_target.shape, generator=generator, device=gen_dev).to(dev, cls_target.dtype)
+        cls_noise = _draw(torch.randn, cls_target.shape, generator, gen_dev, share).to(dev, cls_target.dtype)
         cls_t = path.interpolate(cls_target, cls_noise, t)
-    conditions = drop_conditions(conditions, config.condition_dropout, generator)
+    conditions = drop_conditions(conditions, config.condition_dropout, generator, share)
     want_projection = teacher_features is not None and config.align_weight > 0
     out = model(x_t, t, conditions, cls=cls_t, concat=concat, return_projection=want_projection)
     velocity = F.mse_loss(out.velocity.float(), path.velocity_target(x_data, noise).float())

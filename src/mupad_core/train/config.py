@@ -1,0 +1,196 @@
+"""`mupad train` configuration: one YAML file, typed sections, every mistake named.
+
+A run is described completely by its config (plus the data it points to), so the
+config is copied into the run folder and a resume refuses a changed one. Sections:
+
+    name: he-variations            # run folder name under `out_dir`
+    out_dir: runs
+    seed: 0
+    task: he2he                    # what the model learns (recorded for `mupad models`)
+    vae: pixel-unshuffle:4         # latent codec: a diffusers VAE folder / hub id, or pixel-unshuffle:F
+    model: {hidden_size: 64, depth: 2, num_heads: 4}   # MupadSiT arguments (or preset: B)
+    template: null                 # "source": source latent concatenated with the noisy target
+    conditions:                    # one stream per modality the model attends to
+      image: {encoder: builtin, from: source, trainable: true, token_dim: 64}
+      text: {encoder: minilm}
+      rna: {table: expression.csv}
+    data: {kind: slides, slides: [a.svs], patch_px: 64, mpp: 1.0}   # or kind: manifest
+    train: {steps: 1000, batch_size: 32, lr: 1e-4, ...}              # TrainConfig + run options
+    loss: {time_sampling: logit_normal, condition_dropout: 0.1, ...}
+
+Paths are relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..transport.loss import LossConfig
+
+TASKS = ("he2he", "text2he", "rna2he", "he2ihc", "he2mif", "ff2ffpe", "image2image")
+MODALITIES = ("image", "text", "rna")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file and the key."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "slides"  # slides | manifest
+    # kind: slides (patches drawn on the fly inside the tissue mask)
+    slides: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)  # registered target slides (paired) or a pool (unpaired)
+    paired: bool = True
+    patch_px: int = 256
+    mpp: float = 0.5
+    length: int = 100_000  # items per epoch
+    min_tissue: float = 0.5
+    captions: list[str] = field(default_factory=list)  # one per slide
+    rna_ids: list[str] = field(default_factory=list)  # one per slide
+    # kind: manifest (CSV/Parquet of image paths, see train/datasets.py)
+    manifest: str | None = None
+    split: str = "train"
+    crop_px: int | None = None
+    target_channels: str | None = None  # "native" for multi-channel targets (mIF)
+    # augmentation (both kinds)
+    hed_scale: float = 0.0  # H&E stain jitter on the source (HED scale half-width, e.g. 0.05); 0 = off
+    hed_shift: float = 0.0  # HED shift half-width (e.g. 0.01)
+    dihedral: bool = True  # flips and 90-degree turns, the same for source and target
+
+
+@dataclass
+class RunOptions:
+    steps: int = 1000
+    batch_size: int = 32  # global: split over the processes of a torchrun
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    grad_clip: float = 1.0
+    ema_decay: float | None = 0.9999
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0  # 0: no sample grids during training
+    time_budget_s: float | None = None
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    task: str = "he2he"
+    vae: str = "pixel-unshuffle:4"
+    model: dict[str, Any] = field(default_factory=lambda: {"hidden_size": 64, "depth": 2, "num_heads": 4})
+    template: str | None = None  # "source"
+    conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: RunOptions = field(default_factory=RunOptions)
+    loss: LossConfig = field(default_factory=LossConfig)
+    source_file: str | None = None  # where it was read from (not part of the identity)
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source_file).parent if self.source_file else Path.cwd()
+
+    def resolve(self, path: str | Path) -> Path:
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.resolve(self.out_dir) / self.name
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source_file")
+        return out
+
+    def fingerprint(self) -> str:
+        """Identity of what the run computes; options that do not change results are left out."""
+        identity = self.as_dict()
+        for key in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "time_budget_s", "device"):
+            identity["train"].pop(key)
+        identity.pop("out_dir")
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _build(cls, values: Any, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_file"}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return cls(**values)
+
+
+def parse_config(values: dict[str, Any], source: str = "<config>") -> RunConfig:
+    values = dict(values or {})
+    sections = {
+        "data": DataConfig,
+        "train": RunOptions,
+        "loss": LossConfig,
+    }
+    built = {k: _build(c, values.pop(k, {}) or {}, f"{source}: {k}") for k, c in sections.items()}
+    config = _build(RunConfig, values, source)
+    for key, value in built.items():
+        setattr(config, key, value)
+    config.source_file = source if source != "<config>" else None
+    check_config(config, source)
+    return config
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    return parse_config(values or {}, str(path))
+
+
+def check_config(config: RunConfig, source: str) -> None:
+    def bad(key: str, problem: str):
+        raise ConfigError(f"{source}: {key}: {problem}")
+
+    if config.task not in TASKS:
+        bad("task", f"{config.task!r} is not one of {', '.join(TASKS)}")
+    if config.template not in (None, "source"):
+        bad("template", f"must be null or 'source', got {config.template!r}")
+    for modality, spec in config.conditions.items():
+        if modality not in MODALITIES:
+            bad("conditions", f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
+        if not isinstance(spec, dict):
+            bad(f"conditions.{modality}", "expected a mapping such as {encoder: builtin}")
+    if "rna" in config.conditions and "table" not in config.conditions["rna"]:
+        bad("conditions.rna", "needs `table:` (an expression CSV/TSV or .h5ad whose sample ids the data rows name)")
+    t = config.train
+    if t.steps < 1:
+        bad("train.steps", f"must be at least 1, got {t.steps}")
+    if t.batch_size < 1:
+        bad("train.batch_size", f"must be at least 1, got {t.batch_size}")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        bad("train.precision", f"must be auto, bf16 or fp32, got {t.precision!r}")
+    if t.checkpoint_every < 1:
+        bad("train.checkpoint_every", f"must be at least 1, got {t.checkpoint_every}")
+    d = config.data
+    if d.kind not in ("slides", "manifest"):
+        bad("data.kind", f"must be 'slides' or 'manifest', got {d.kind!r}")
+    if d.kind == "slides" and not d.slides:
+        bad("data.slides", "kind 'slides' needs at least one slide")
+    if d.kind == "manifest" and not d.manifest:
+        bad("data.manifest", "kind 'manifest' needs the manifest path")
