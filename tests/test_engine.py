@@ -223,3 +223,18 @@ def test_resume_rewrites_only_the_missing_chunks_of_a_block(cmu, tmp_path):
     assert np.array_equal(out[128:, 128:256], whole[128:, 128:256])  # the lost chunk, regenerated exactly
     assert (out[:128, :128] == 7).all()  # a chunk recorded as done is trusted, not rewritten
     assert np.array_equal(out[:, 256:], whole[:, 256:])
+
+
+def test_named_output_channels_make_a_fluorescence_store(cmu, tmp_path):
+    """A model that names its output markers (mIF) writes them as named, coloured channels,
+    even when there are three of them (which would otherwise read as RGB)."""
+    handle = tiny_handle()
+    handle.channel_names, handle.channel_colors = ["DAPI", "Lap2beta", "Ki67"], ["0000FF", "00FF00", "FF0000"]
+    out = run_stain(cmu, handle, tmp_path / "mif.ome.zarr",
+                    StainConfig(task="he2mif", roi=(0, 0, 256, 256), steps=1, window_px=64, overlap_px=16,
+                                margin_px=64, block_px=256, skip_background=False))
+    validate_omezarr(out)
+    attrs = zarr.open_group(str(out), mode="r").attrs.asdict()
+    assert attrs["mupad"]["kind"] == "fluorescence"
+    assert [(c["label"], c["color"]) for c in attrs["omero"]["channels"]] == [
+        ("DAPI", "0000FF"), ("Lap2beta", "00FF00"), ("Ki67", "FF0000")]

@@ -61,7 +61,7 @@ def test_tiny_config_trains_and_the_loss_falls(tmp_path):
     assert sum(losses[-10:]) / 10 < 0.95 * sum(losses[:5]) / 5, losses  # 1.22 -> 1.11 when written
     model_dir = result.model_dir
     assert (model_dir / "config.json").is_file() and (model_dir / "mupad_pipeline.json").is_file()
-    assert (model_dir / "encoder_image.safetensors").is_file()
+    assert (model_dir / "image_encoder.safetensors").is_file()
     assert (result.run_dir / "loss.png").stat().st_size > 1000
     from mupad_core.models.checkpoint import load_model
 

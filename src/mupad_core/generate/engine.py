@@ -218,6 +218,13 @@ def blocks_with_tissue(reader, roi, scale: tuple[float, float], out_h: int, out_
     return keep
 
 
+def output_kind(handle: ModelHandle) -> str:
+    """RGB for brightfield output; fluorescence for named markers or any other channel count."""
+    if getattr(handle, "channel_names", None) or handle.out_channels != 3:
+        return "fluorescence"
+    return "rgb"
+
+
 def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainConfig = StainConfig(),
               progress: ProgressCallback | None = None, tissue_blocks: set[tuple[int, int]] | None = None) -> Path:
     """Generate `config.task` over the ROI (or slide) of `reader` into an OME-Zarr at `out_path`.
@@ -245,7 +252,8 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
     }
     writer = PyramidWriter(
         out_path, (out_h, out_w), handle.out_channels, dtype="uint8", mpp=(target_mpp, target_mpp),
-        chunk=config.chunk_px, version=config.version, kind="rgb" if handle.out_channels == 3 else "fluorescence",
+        chunk=config.chunk_px, version=config.version, kind=output_kind(handle),
+        channel_names=getattr(handle, "channel_names", None), channel_colors=getattr(handle, "channel_colors", None),
         provenance=provenance, resume=config.resume, overwrite=config.overwrite,
     )
     done = writer.done_tiles()
@@ -267,7 +275,8 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
             if handle.passthrough:
                 out = passthrough_reads.next()
             elif tissue_blocks is not None and (by // b, bx // b) not in tissue_blocks:
-                out = np.full((handle.out_channels, bh, bw), 255 if handle.out_channels == 3 else 0, dtype=np.uint8)
+                background = 255 if output_kind(handle) == "rgb" else 0
+                out = np.full((handle.out_channels, bh, bw), background, dtype=np.uint8)
             else:
                 win, stride, margin = config.window_px // d, (config.window_px - config.overlap_px) // d, m // d
                 ly0, ly1 = block_region(by // d, -(-bh // d), margin, win, stride)

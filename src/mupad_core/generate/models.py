@@ -64,7 +64,8 @@ class SiTImageToImageHandle:
 
     passthrough = False
 
-    def __init__(self, model, codec, model_id: str, weights_hash: str, device="cpu", dtype=torch.float32):
+    def __init__(self, model, codec, model_id: str, weights_hash: str, device="cpu", dtype=torch.float32,
+                 channel_names: list[str] | None = None, channel_colors: list[str] | None = None):
         if not model.config.concat_channels:
             raise ValueError(f"{model_id}: model has no spatial template input (concat_channels=0)")
         self.model = model.to(device).eval()
@@ -76,6 +77,9 @@ class SiTImageToImageHandle:
         self.latent_channels = model.config.in_channels
         self.downscale = codec.downscale
         self.out_channels = getattr(codec, "image_channels", 3)
+        # Named output channels (mIF markers) make a fluorescence image, even three of them.
+        self.channel_names = channel_names
+        self.channel_colors = channel_colors
 
     def prepare(self, source: torch.Tensor) -> PreparedBlock:
         return PreparedBlock(source_latent=tiled_encode(self.codec, source.to(self.device)))
@@ -147,4 +151,5 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
         )
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return SiTImageToImageHandle(model, load_vae(pipeline["vae"], device=device), str(spec),
-                                 weights_sha256(folder), device=device, dtype=dtype)
+                                 weights_sha256(folder), device=device, dtype=dtype,
+                                 channel_names=pipeline.get("channels"), channel_colors=pipeline.get("colors"))

@@ -50,7 +50,7 @@ class DataConfig:
     targets: list[str] = field(default_factory=list)  # registered target slides (paired) or a pool (unpaired)
     paired: bool = True
     patch_px: int = 256
-    mpp: float = 0.5
+    mpp: float = 0.5  # µm/px of the training images (slides: patches are read at it); stains run at it
     length: int = 100_000  # items per epoch
     min_tissue: float = 0.5
     captions: list[str] = field(default_factory=list)  # one per slide
@@ -95,6 +95,8 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"hidden_size": 64, "depth": 2, "num_heads": 4})
     template: str | None = None  # "source"
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    channels: list[str] | None = None  # names of the output channels (mIF markers): a fluorescence output
+    channel_colors: list[str] | None = None  # RRGGBB per channel, for viewers
     data: DataConfig = field(default_factory=DataConfig)
     train: RunOptions = field(default_factory=RunOptions)
     loss: LossConfig = field(default_factory=LossConfig)

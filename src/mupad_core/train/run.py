@@ -418,8 +418,17 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
         "vae": config.vae if not str(config.vae).startswith("pixel-unshuffle") else repr(codec),
         "tasks": [config.task],
         "template": config.template,
-        "conditions": {m: {k: v for k, v in s.items() if k != "table"} for m, s in config.conditions.items()},
+        "conditions": sorted(config.conditions),
+        # How to rebuild each stream's encoder at inference (generate/roi.py reads this).
+        "encoders": {m: {"name": s.get("encoder"), **{k: v for k, v in s.items()
+                                                       if k not in ("encoder", "from", "trainable", "table")}}
+                     for m, s in config.conditions.items() if m != "rna"},
+        **({"rna_scoring": {"method": _rna_method(), "gene_sets": config.conditions["rna"].get("gene_sets", "bundled")}}
+           if "rna" in config.conditions else {}),
+        "window_px": config.data.patch_px if config.data.kind == "slides" else (config.data.crop_px or 256),
+        "mpp": config.data.mpp,
         "trained_steps": trainer.step,
+        **({"channels": config.channels, "colors": config.channel_colors} if config.channels else {}),
         "config_fingerprint": config.fingerprint(),
     }
     save_model(trainer.averaged_model(), partial, pipeline=pipeline, card=MODEL_CARD.format(
@@ -427,10 +436,16 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
     for modality, encoder in encoders.items():
         if modality == "image" and any(True for _ in encoder.parameters()):
             save_file({k: v.contiguous() for k, v in encoder.state_dict().items()},
-                      str(partial / f"encoder_{modality}.safetensors"))
+                      str(partial / f"{modality}_encoder.safetensors"))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     return folder
+
+
+def _rna_method() -> str:
+    from ..rna import PATHWAY_METHOD
+
+    return PATHWAY_METHOD
 
 
 def read_metrics(run_dir: Path, upto: int) -> list[dict[str, float]]:

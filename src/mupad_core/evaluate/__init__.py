@@ -1,0 +1,1 @@
+"""Measuring generated images against references (see `metrics`, `heldout`)."""
