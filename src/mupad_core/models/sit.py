@@ -15,6 +15,7 @@ cross-attention streams after self-attention in every block. Optional extras:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -149,6 +150,14 @@ class MupadSiT(ModelMixin, ConfigMixin):
             raise ValueError("condition_dims given but cross_attention is off")
         if align_dim and not 0 < align_depth <= depth:
             raise ValueError(f"align_depth must be in 1..{depth}, got {align_depth}")
+        if hidden_size < patch_size * patch_size * in_channels:
+            # Found the hard way: a demo model left visible noise in every sample.
+            warnings.warn(
+                f"hidden_size {hidden_size} < patch_size² x in_channels = {patch_size * patch_size * in_channels}: "
+                "the output layer cannot express every velocity component, so samples keep residual noise; "
+                "use a wider model, a smaller patch or a latent with fewer channels",
+                stacklevel=2,
+            )
         self.out_channels = in_channels
         self.x_embedder = PatchEmbed(in_channels + concat_channels, hidden_size, patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)

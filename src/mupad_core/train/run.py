@@ -279,6 +279,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         log(f"training {config.name}: {params / 1e6:.2f} M parameters, task {config.task}, "
             f"{process.world} process(es) on {process.device}, global batch {t.batch_size}, steps {t.steps}")
 
+    previous_seconds = history[-1].get("elapsed_s", 0.0) if history else 0.0  # training time before a resume
     bar = _progress(progress_bar and process.main, resumed_from, t.steps)
     start = time.perf_counter()
     window_start, window_images = time.perf_counter(), 0
@@ -294,6 +295,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         if trainer.step % t.log_every == 0 or trainer.step == t.steps:
             elapsed = time.perf_counter() - window_start
             record["images_per_s"] = window_images / max(elapsed, 1e-9)
+            record["elapsed_s"] = previous_seconds + time.perf_counter() - start
             if process.device.type == "cuda":
                 record["tflops"] = _training_tflops(model, make_batch, record["images_per_s"])
             window_start, window_images = time.perf_counter(), 0
@@ -467,7 +469,7 @@ def write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
 
 
 METRIC_COLUMNS = ("step", "loss_total", "loss_velocity", "loss_cls", "loss_align", "grad_norm", "lr",
-                  "images_per_s", "tflops")
+                  "images_per_s", "tflops", "elapsed_s")
 
 
 def append_metrics(run_dir: Path, record: dict[str, float]) -> None:
