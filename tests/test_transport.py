@@ -165,3 +165,20 @@ def test_attention_record_inject_and_parallel():
         both = model(torch.cat([x, x]), torch.cat([t, t]), Conditions.concat([c, c])).velocity
         model.set_attention_processor(None)
     assert torch.allclose(both[2:], plain, rtol=1e-4, atol=1e-4)
+
+
+def test_ema_warms_up_instead_of_keeping_the_initial_weights():
+    """With a fixed 0.999 decay, 1,500 steps keep 22% of the initial weights; the warm-up
+    makes a short run's EMA follow the trained weights."""
+    from mupad_core.train.ema import ema_decay_at, make_ema
+
+    model = torch.nn.Linear(4, 4, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = make_ema(model, decay=0.999)
+    ema.update_parameters(model)  # the first update copies the (zero) initial weights
+    for step in range(299):
+        with torch.no_grad():
+            model.weight.fill_(1.0)  # "trained" weights, far from the zero initialisation
+        ema.update_parameters(model)
+    assert ema.module.weight.mean() > 0.99  # fixed 0.999 would give 1 - 0.999**299 = 0.26
+    assert ema_decay_at(0.999, 0) == 0.1 and ema_decay_at(0.999, 10**6) == 0.999
