@@ -103,7 +103,9 @@ def card(name: str, config_path: Path, metrics: dict, seconds: float | None) -> 
         f"`python scripts/build_demo_models.py --only {name}` (same config and seed give the same weights on the "
         "same hardware and thread count).",
         "",
-        "Limits: a 1-2 M-parameter model trained for minutes on one image; it shows the tool end to end. "
+        "Limits: a 4 M-parameter model trained for minutes on a CPU from one or a few images; it shows the "
+        "tool end to end. It works in a lossless pixel-space codec (no VAE download), one token per 8x8 "
+        "pixels, so its outputs show 8-px blocks; a diffusers VAE removes them in real runs. "
         "Judge nothing clinical by it.",
     ]
     return "\n".join(lines) + "\n"

@@ -4,12 +4,14 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
+import zarr
 from PIL import Image
 
 from mupad_core.cli import main
 from mupad_core.demo import sample_slide_path
-from mupad_core.models.checkpoint import load_model
 
 
 def test_bundled_sample_slide_is_real_and_opens():
@@ -21,19 +23,37 @@ def test_bundled_sample_slide_is_real_and_opens():
     slide.close()
 
 
-def test_demo_writes_preview_summary_and_loadable_model(tmp_path, capsys):
+def test_demo_stains_the_bundled_slide_with_every_bundled_model(tmp_path, capsys):
+    from mupad_core.store import validate_omezarr
+    from mupad_core.zoo import bundled_models
+
+    entries = bundled_models()
+    assert {"he2mif", "he2ihc"} <= {task for e in entries for task in e.tasks}, "demo models are bundled"
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--seconds", "4"]) == 0
-    preview = np.asarray(Image.open(out / "preview.png"))
-    assert preview.shape == (3 * 256, 8 * 256, 3)  # rows: real, seed 1, seed 2; 8 tiles
-    real, seed1, seed2 = np.split(preview.astype(float), 3, axis=0)
-    assert real.std() > 20  # real tissue, not a blank image
-    assert not np.array_equal(seed1, seed2)  # two seeds, two variations
+    assert main(["demo", "--out", str(out), "--no-gui", "--steps", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["train_steps"] >= 1 and "not for diagnosis" in summary["note"]
-    model = load_model(out / "model")
-    assert model.config.condition_dims == {"image": 64}
-    assert "preview.png" in capsys.readouterr().out
+    assert [r["model"] for r in summary["results"]] == [e.id for e in entries]
+    for result in summary["results"]:
+        validate_omezarr(result["output"])
+        group = zarr.open_group(result["output"], mode="r")
+        assert group.attrs["mupad"]["model_id"] == result["model"] and group.attrs["mupad"]["generated"] is True
+        level0 = group["0"][:]
+        assert level0.std() > 1  # the model drew something, not a constant
+        if result["task"] == "he2mif":
+            assert result["channels"] == ["DAPI", "Lap2beta", "Ki67"]
+            assert group.attrs["mupad"]["kind"] == "fluorescence"
+    preview = np.asarray(Image.open(out / "preview.png"))
+    assert preview.shape[0] == 256 * len(entries)
+    assert preview[:, : preview.shape[1] // 4].std() > 20  # the real tissue panel
+    assert "not for diagnosis" in summary["note"]
+
+
+def test_models_lists_the_bundled_models_with_their_tasks(capsys):
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    bundled = [m for m in listed if m["source"] == "bundled"]
+    assert bundled and all(m["tasks"] and Path(m["path"], "README.md").is_file() for m in bundled)
+    assert sum(m["size_mb"] for m in bundled) < 50  # the budget for weights in the repository
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):

@@ -16,10 +16,14 @@ from . import __version__
 
 
 def _cmd_demo(args) -> int:
-    from .demo import DemoConfig, run_demo
+    from .demo import DemoConfig, display_available, run_demo, show_in_napari
 
-    config = DemoConfig(time_budget_s=args.seconds, seed=args.seed)
-    run_demo(Path(args.out), config)
+    summary = run_demo(Path(args.out), DemoConfig(steps=args.steps, seed=args.seed))
+    if not args.no_gui:
+        if display_available():
+            show_in_napari(summary)
+        else:
+            print("no display: skipping napari (results are in the output folder; --no-gui silences this)")
     return 0
 
 
@@ -190,10 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-mupad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train a tiny model on the bundled slide's tiles and write a preview")
+    demo = sub.add_parser("demo", help="stain the bundled slide with the bundled demo models; open napari")
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    demo.add_argument("--seconds", type=float, default=120.0, help="training time budget in seconds (default: 120)")
+    demo.add_argument("--steps", type=int, default=12, help="sampler steps (default: 12)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-gui", action="store_true", help="do not open napari")
     demo.set_defaults(func=_cmd_demo)
 
     info = sub.add_parser("info", help="what a slide holds: levels, pixel size, channels, vendor")

@@ -1,16 +1,19 @@
-"""`mupad demo`: the generative core, end to end, on the bundled real slide.
+"""`mupad demo`: the bundled demo models stain the bundled real slide.
 
-Until trained demo models are bundled, the demo shows what the core does with nothing
-but a CPU and a minute: it cuts real H&E tiles from the bundled CC0 slide, trains a
-tiny MUPAD model (SiT + Decoupled Cross-Attention, image stream fed by the built-in
-encoder) to generate each tile from its own embedding, then samples variations with
-two seeds. The preview shows real | seed A | seed B. A model this small memorises the
-tiles it saw; it is a smoke demo of the pipeline, not a useful generator.
+Every bundled model (`mupad models`) runs through the same whole-slide engine as
+`mupad stain`, at the pixel size it was trained at, over a tissue-rich region of the
+bundled CC0 slide CMU-1-Small-Region (the whole slide where that is small enough). Each
+result is an OME-Zarr pyramid; `preview.png` shows source | result per model, and napari
+opens with the slide and every result as overlay layers when a display is present.
+
+The demo models are small and trained on a CPU from a few real tiles (see their model
+cards): they show the tool working end to end, not a validated stain.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -27,123 +30,177 @@ def sample_slide_path() -> Path:
 
 @dataclass
 class DemoConfig:
-    tiles: int = 8
-    tile_px: int = 256  # cut at level 0 (0.5 um/px)
-    encoder_px: int = 128  # what the image encoder sees
-    target_px: int = 32  # what the model generates (4 um/px); larger needs a bigger model and longer
-    steps: int = 1200
-    time_budget_s: float = 120.0
-    sample_steps: int = 30
+    steps: int = 12
     seed: int = 0
+    max_output_px: int = 1024  # output side; larger slides are cropped to their most tissue-rich region
+    window_px: int = 128  # for models that do not say which window they were trained on
 
 
-def tissue_tiles(slide_path: Path, n: int, size: int, seed: int = 0) -> np.ndarray:
-    """`n` tissue-rich tiles (N, size, size, 3) uint8 from level 0, chosen reproducibly."""
-    import openslide
-    from skimage.color import rgb2hsv
+def tissue_rich_roi(reader, side: int) -> tuple[int, int, int, int]:
+    """The level-0 square of `side` px (clipped to the slide) holding the most tissue."""
+    from scipy.ndimage import uniform_filter
 
-    slide = openslide.OpenSlide(str(slide_path))
-    w, h = slide.dimensions
-    candidates = []
-    for y in range(0, h - size + 1, size):
-        for x in range(0, w - size + 1, size):
-            tile = np.asarray(slide.read_region((x, y), 0, (size, size)).convert("RGB"))
-            tissue = (rgb2hsv(tile)[..., 1] > 0.15).mean()
-            if tissue > 0.6:
-                candidates.append(tile)
-    slide.close()
-    if len(candidates) < n:
-        raise RuntimeError(f"{slide_path}: only {len(candidates)} tissue tiles of {size} px, need {n}")
-    pick = np.random.default_rng(seed).choice(len(candidates), size=n, replace=False)
-    return np.stack([candidates[i] for i in sorted(pick)])
+    from .slide.tissue import tissue_mask
+
+    mask, downsample = tissue_mask(reader)
+    width0, height0 = reader.dimensions
+    side = min(side, width0, height0)
+    box = max(1, round(side / downsample))
+    density = uniform_filter(mask.astype(np.float32), size=box, mode="constant")
+    cy, cx = np.unravel_index(np.argmax(density), density.shape)
+    x = int(np.clip(cx * downsample - side / 2, 0, width0 - side))
+    y = int(np.clip(cy * downsample - side / 2, 0, height0 - side))
+    return x, y, side, side
 
 
-def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print) -> dict:
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
+def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print, models: list[str] | None = None) -> dict:
+    import zarr
 
-    from .models.checkpoint import save_model
-    from .models.conditioning import BuiltinImageEncoder
-    from .models.conditions import Conditions
-    from .models.sit import MupadSiT
-    from .models.vae import PixelUnshuffleCodec
-    from .train.loop import Batch, TrainConfig, Trainer
-    from .transport.loss import LossConfig
-    from .transport.samplers import make_noise, sample
+    from .generate.engine import StainConfig, run_stain
+    from .generate.models import load_handle
+    from .models.checkpoint import read_pipeline
+    from .slide.readers import open_slide
+    from .zoo import bundled_models
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+    entries = [e for e in bundled_models() if models is None or e.id in models]
+    if not entries:
+        raise RuntimeError("no bundled demo models in this installation (mupad_core/data/models is empty)")
     slide = sample_slide_path()
-    log(f"reading {config.tiles} tissue tiles of {config.tile_px} px from {slide.name}")
-    tiles = tissue_tiles(slide, config.tiles, config.tile_px, config.seed)
-    images = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
-    source = F.interpolate(images, size=config.encoder_px, mode="area")
-    target = F.interpolate(images, size=config.target_px, mode="area")
-    codec = PixelUnshuffleCodec(config.target_px // 16)  # 16 x 16 latent grid
-    latents = codec.encode(target)
-    encoder = BuiltinImageEncoder(token_dim=64, width=32, depth=1, seed=config.seed)
-    model = MupadSiT(in_channels=latents.shape[1], hidden_size=128, depth=4, num_heads=4,
-                     condition_dims={"image": encoder.token_dim})
-    train_cfg = TrainConfig(steps=config.steps, lr=2e-3, ema_decay=None, seed=config.seed,
-                            loss=LossConfig(time_sampling="uniform", condition_dropout=0.0))
-    trainer = Trainer(model, train_cfg, extra_modules=[encoder])
-
-    def make_batch(step, generator):
-        return Batch(latents=latents, conditions=Conditions(tokens={"image": encoder(source)}))
-
-    start = time.perf_counter()
-
-    def progress(step, total, record):
-        if step % 100 == 0 or step == 1:
-            log(f"  step {step:5d}/{total}  loss {record['loss_total']:.4f}  ({time.perf_counter() - start:.0f} s)")
-
-    log(f"training a tiny MUPAD model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) "
-        f"for up to {config.steps} steps or {config.time_budget_s:.0f} s on CPU")
-    history = trainer.fit(make_batch, progress=progress, time_budget_s=config.time_budget_s)
-    model.eval()
-    encoder.eval()
-    rows = [target]
-    with torch.no_grad():
-        cond = Conditions(tokens={"image": encoder(source)})
-        for seed in (1, 2):
-            out = sample(model, make_noise(latents.shape, seed), cond, method="heun", steps=config.sample_steps)
-            rows.append(codec.decode(out.x).clamp(0, 1))
-    mse = (rows[1] - target).square().flatten(1).mean(1)
-    psnr = (10 * torch.log10(1 / mse)).tolist()
-
-    grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # rows: real, seed 1, seed 2
-    preview = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    scale = max(1, 256 // config.target_px)
-    Image.fromarray(preview).resize((preview.shape[1] * scale, preview.shape[0] * scale), Image.NEAREST).save(
-        out_dir / "preview.png"
-    )
-    save_model(model, out_dir / "model", card=MODEL_CARD.format(steps=len(history)),
-               pipeline={"vae": repr(codec), "tasks": ["he2he"], "conditions": ["image"]})
-    summary = {
-        "slide": str(slide),
-        "tiles": config.tiles,
-        "train_steps": len(history),
-        "train_seconds": round(time.perf_counter() - start, 1),
-        "loss_first": history[0]["loss_total"],
-        "loss_last": float(np.mean([h["loss_total"] for h in history[-20:]])),
-        "psnr_db_seed1": [round(p, 2) for p in psnr],
-        "preview": str(out_dir / "preview.png"),
-        "model": str(out_dir / "model"),
-        "note": "tiny smoke-demo model trained in this run; generated images, not for diagnosis",
-    }
+    results, rows = [], []
+    with open_slide(slide) as reader:
+        src_mpp = reader.level_mpp(0)[0]
+        for entry in entries:
+            pipeline = read_pipeline(entry.path)
+            task = entry.tasks[0]
+            if not pipeline.get("template"):  # generation from conditions, not a restain of the slide
+                result, row = _generate(entry, pipeline, reader, out_dir, config, log)
+                results.append(result)
+                rows.append(row)
+                continue
+            mpp = float(pipeline.get("mpp") or src_mpp)
+            side = round(config.max_output_px * mpp / src_mpp)
+            width0, height0 = reader.dimensions
+            roi = (0, 0, width0, height0) if max(width0, height0) <= side else tissue_rich_roi(reader, side)
+            log(f"{entry.id}: {task} over ROI {roi} of {slide.name} at {mpp} µm/px, {config.steps} steps")
+            start = time.perf_counter()
+            window = int(pipeline.get("window_px") or config.window_px)  # the size it was trained on
+            store = run_stain(
+                reader, load_handle(entry.id, task), out_dir / f"{entry.id}.ome.zarr",
+                StainConfig(task=task, roi=roi, target_mpp=mpp, steps=config.steps, seed=config.seed,
+                            window_px=window, overlap_px=window // 4, margin_px=window, overwrite=True),
+                progress=None,
+            )
+            seconds = time.perf_counter() - start
+            group = zarr.open_group(str(store), mode="r")
+            output = group["0"][:]
+            attrs = group.attrs.asdict()
+            source = _source_at(reader, roi, output.shape[1:])
+            rows.append(np.concatenate([source, render(output, attrs)], axis=1))
+            results.append({"model": entry.id, "task": task, "roi_level0": list(roi), "mpp": mpp,
+                            "output": str(store), "shape": list(output.shape), "seconds": round(seconds, 1),
+                            "channels": [c.get("label") for c in attrs.get("omero", {}).get("channels", [])]})
+            log(f"  wrote {store} ({output.shape[2]} x {output.shape[1]} px, {seconds:.0f} s)")
+    preview = out_dir / "preview.png"
+    _save_rows(rows, preview)
+    summary = {"slide": str(slide), "results": results, "preview": str(preview),
+               "note": "demo models on a real slide; generated images, not for diagnosis"}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(f"wrote {out_dir / 'preview.png'} (rows: real, seed 1, seed 2) and {out_dir / 'model'}")
-    log(f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}; PSNR of seed-1 samples vs real: "
-        f"{min(psnr):.1f}-{max(psnr):.1f} dB")
+    log(f"wrote {preview} (per model: source | result) and {out_dir / 'summary.json'}")
     return summary
 
 
-MODEL_CARD = """# mupad demo model (smoke test)
+DEMO_PROMPTS = ("H&E squamous epithelium", "H&E dense tumour with high nuclear density")
 
-Trained by `mupad demo` for {steps} steps on CPU on 8 tiles of the bundled CC0 slide
-CMU-1-Small-Region. A 2-M-parameter SiT with Decoupled Cross-Attention (image stream
-only) in a pixel-unshuffle latent space. It memorises its training tiles and is not a
-useful generator. Demo weights — generated images are not for diagnosis.
-"""
+
+def _generate(entry, pipeline, reader, out_dir: Path, config: DemoConfig, log):
+    """A text-conditioned model draws one region per demo prompt; beside it, the slide's
+    own tissue at the same pixel size for comparison."""
+    import torch
+
+    from .generate.roi import load_generator
+    from .store import PyramidWriter
+
+    generator = load_generator(entry.id)
+    mpp = float(pipeline.get("mpp") or reader.level_mpp(0)[0])
+    side = 256
+    start = time.perf_counter()
+    panels, outputs = [], []
+    for k, prompt in enumerate(DEMO_PROMPTS):
+        pixels = generator.generate(side, side, generator.conditions(text=prompt), steps=config.steps,
+                                    seed=config.seed + k)
+        image = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        path = out_dir / f"{entry.id}-{k}.ome.zarr"
+        writer = PyramidWriter(path, image.shape[1:], 3, mpp=(mpp, mpp), overwrite=True, provenance={
+            "model_id": entry.id, "task": entry.tasks[0], "prompt": prompt, "seed": config.seed + k,
+            "steps": config.steps})
+        writer.write_tile(0, 0, image)
+        outputs.append(str(writer.finalize()))
+        panels.append(image.transpose(1, 2, 0))
+        log(f"{entry.id}: generated {side} x {side} px for {prompt!r}")
+    roi = tissue_rich_roi(reader, round(side * mpp / reader.level_mpp(0)[0]))
+    real = _source_at(reader, roi, (side, side))
+    seconds = time.perf_counter() - start
+    result = {"model": entry.id, "task": entry.tasks[0], "prompts": list(DEMO_PROMPTS), "mpp": mpp,
+              "output": outputs[0], "outputs": outputs, "shape": [3, side, side], "seconds": round(seconds, 1),
+              "channels": ["R", "G", "B"]}
+    return result, np.concatenate([real, *panels], axis=1)
+
+
+def _source_at(reader, roi, shape_yx) -> np.ndarray:
+    """The ROI's source pixels at the output's size, for the preview."""
+    from PIL import Image
+
+    region = Image.fromarray(reader.read_region(0, *roi)[..., :3])
+    return np.asarray(region.resize((shape_yx[1], shape_yx[0]), Image.BILINEAR))
+
+
+def render(output: np.ndarray, attrs: dict) -> np.ndarray:
+    """(C, H, W) uint8 result as RGB: brightfield as is; markers added in their colours,
+    each stretched to its 99.5th percentile (display only; the store keeps raw values)."""
+    if attrs.get("mupad", {}).get("kind") == "rgb":
+        return output.transpose(1, 2, 0)
+    channels = attrs.get("omero", {}).get("channels", [])
+    rgb = np.zeros((*output.shape[1:], 3), np.float32)
+    for index, plane in enumerate(output):
+        colour = channels[index].get("color", "FFFFFF") if index < len(channels) else "FFFFFF"
+        weights = np.array([int(colour[k : k + 2], 16) / 255 for k in (0, 2, 4)], np.float32)
+        top = max(float(np.percentile(plane, 99.5)), 1.0)
+        rgb += np.clip(plane / top, 0, 1)[..., None] * weights
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _save_rows(rows: list[np.ndarray], path: Path) -> None:
+    from PIL import Image
+
+    width = max(r.shape[1] for r in rows)
+    height = 256
+    scaled = []
+    for row in rows:  # every row 256 px high, side by side panels kept in proportion
+        image = Image.fromarray(row)
+        scaled.append(np.asarray(image.resize((max(1, round(row.shape[1] * height / row.shape[0])), height),
+                                              Image.BILINEAR)))
+    width = max(r.shape[1] for r in scaled)
+    canvas = np.full((height * len(scaled), width, 3), 255, np.uint8)
+    for i, row in enumerate(scaled):
+        canvas[i * height : (i + 1) * height, : row.shape[1]] = row
+    Image.fromarray(canvas).save(path)
+
+
+def show_in_napari(summary: dict) -> None:
+    """Open the slide and the results as layers (blocks until the window closes)."""
+    import napari
+
+    viewer = napari.Viewer(title="MUPAD demo")
+    viewer.open(summary["slide"], plugin="napari-mupad")
+    for result in summary["results"]:
+        for output in result.get("outputs", [result["output"]]):
+            for layer in viewer.open(output, plugin="napari-mupad"):
+                layer.name = f"{result['model']}: {layer.name}"
+                layer.opacity = 0.8
+    napari.run()
+
+
+def display_available() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))

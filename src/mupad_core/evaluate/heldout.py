@@ -23,10 +23,15 @@ from .metrics import patch_pearson, pearson, psnr
 
 
 def evaluate_heldout(model: str | Path, manifest: str | Path, task: str, mpp: float, *, split: str = "val",
-                     steps: int = 20, seed: int = 0, window_px: int = 128, overlap_px: int = 32,
-                     keep: Path | None = None) -> dict:
-    """Mean metrics over the `split` rows of `manifest`, per channel and overall."""
+                     steps: int = 20, seed: int = 0, window_px: int | None = None, keep: Path | None = None) -> dict:
+    """Mean metrics over the `split` rows of `manifest`, per channel and overall; windows of
+    the size the model was trained on unless `window_px` says otherwise."""
+    from ..models.checkpoint import read_pipeline
+    from ..zoo import resolve_model
+
     handle = load_handle(str(model), task)
+    window_px = window_px or int(read_pipeline(resolve_model(str(model))).get("window_px", 128))
+    overlap_px = window_px // 4
     names = getattr(handle, "channel_names", None) or [f"channel {i}" for i in range(handle.out_channels)]
     rows = ManifestDataset(manifest, split=split).rows
     results = []

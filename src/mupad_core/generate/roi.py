@@ -1,0 +1,207 @@
+"""Generate tissue for one region from noise, conditioned on text, RNA pathway scores or an image.
+
+Unlike `engine.run_stain` (a source slide in, its restained version out), this samples a
+region that has no source: a MupadSiT without a spatial template, queried with `Conditions`
+from the encoders its checkpoint names. A region larger than the model's window is sampled
+as overlapping windows whose velocities are fused with raised-cosine weights at every step
+(the same `fusion.window_grid` / `ramp_weights` the whole-slide engine uses), so the samplers
+of `transport.samplers` run unchanged on the whole region.
+
+Checkpoint conventions (in ``mupad_pipeline.json``, beside ``vae``):
+``"encoders": {"text": {"name": "minilm"}, "image": {"name": "builtin", "token_dim": 32, ...}}``
+names each condition stream's encoder (registry key, hub id or folder, plus its keyword
+arguments; default: `build_encoder`'s default for the modality); trained weights of an
+encoder, where it has its own (the builtin CNN), sit beside the model as
+``<modality>_encoder.safetensors``. ``"window_px"`` is the tile size the model was trained on
+(default 256) and ``"image_px"`` the size reference images are resized to for the builtin
+image encoder (default 224).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..models.conditions import Conditions
+from ..models.sit import SiTOutput
+from ..transport.samplers import make_noise, sample
+from .fusion import ramp_weights, window_grid
+from .tiled_vae import tiled_decode
+
+ProgressCallback = Callable[[int, int], None]  # (steps done, total); may raise to cancel
+
+
+class FusedWindows:
+    """A denoiser callable over a region of any size: overlapping windows, fused velocities.
+
+    Called like the model (x, t, conditions, cls=, concat=) with x (B, C, H, W). Windows of
+    `window` latent px with `overlap` run in batches of `batch_size`, the batch's conditions
+    repeated per window; each window's velocity is weighted by raised-cosine ramps and the
+    weighted sum normalised. A region that fits one window is passed through unchanged.
+    """
+
+    def __init__(self, model, window: int, overlap: int, batch_size: int = 8):
+        if not 0 <= overlap < window:
+            raise ValueError(f"overlap {overlap} must be smaller than the window {window}")
+        self.model, self.window, self.overlap, self.batch_size = model, window, overlap, max(1, batch_size)
+        self.passes = 0
+
+    def __call__(self, x, t, conditions: Conditions | None = None, cls=None, concat=None) -> SiTOutput:
+        b, _, height, width = x.shape
+        if height <= self.window and width <= self.window:
+            self.passes += 1
+            return self.model(x, t, conditions, cls=cls, concat=concat)
+        windows = window_grid(height, width, self.window, self.overlap)
+        weight = ramp_weights(windows[0].h, windows[0].w, self.overlap).to(x.device, x.dtype)
+        velocity = torch.zeros_like(x)
+        weight_sum = torch.zeros(height, width, device=x.device, dtype=x.dtype)
+        cls_velocity = None
+        for start in range(0, len(windows), self.batch_size):
+            group = windows[start : start + self.batch_size]
+            n = len(group)
+            crop = lambda a: torch.cat([a[..., w.y : w.y + w.h, w.x : w.x + w.w] for w in group])  # noqa: E731
+            out = self.model(crop(x), t.repeat(n), None if conditions is None else conditions.repeat(n),
+                             cls=None if cls is None else cls.repeat(n, 1),
+                             concat=None if concat is None else crop(concat))
+            self.passes += 1
+            for k, w in enumerate(group):
+                velocity[..., w.y : w.y + w.h, w.x : w.x + w.w] += out.velocity[k * b : (k + 1) * b] * weight
+                weight_sum[w.y : w.y + w.h, w.x : w.x + w.w] += weight
+            if out.cls_velocity is not None:
+                part = out.cls_velocity.reshape(n, b, -1).sum(0)
+                cls_velocity = part if cls_velocity is None else cls_velocity + part
+        if cls_velocity is not None:
+            cls_velocity = cls_velocity / len(windows)
+        return SiTOutput(velocity=velocity / weight_sum, cls_velocity=cls_velocity)
+
+
+@dataclass
+class RegionGenerator:
+    """A token-conditioned MupadSiT with its latent codec and condition encoders."""
+
+    model: Any
+    codec: Any
+    encoders: dict[str, Any] = field(default_factory=dict)
+    model_id: str = "unnamed"
+    weights_hash: str = "none"
+    window_px: int = 256
+    image_px: int = 224
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.model.config.condition_dims or {})
+
+    @torch.no_grad()
+    def conditions(self, text: str | None = None, rna: Any = None, image: np.ndarray | torch.Tensor | None = None
+                   ) -> Conditions:
+        """Conditions for one sample from what is given; a modality not given is simply absent.
+
+        text: a prompt. rna: (P,) / (1, P) pathway scores or a one-row DataFrame (see
+        `mupad_core.rna.pathways.pathway_scores`). image: a reference RGB region, (H, W, 3)
+        uint8 or float in [0, 1].
+        """
+        given = {"text": text, "rna": rna, "image": image}
+        tokens, masks = {}, {}
+        for name, value in given.items():
+            if value is None or (isinstance(value, str) and not value.strip()):
+                continue
+            if name not in self.encoders:
+                have = ", ".join(self.modalities) or "none"
+                raise ValueError(f"{self.model_id}: model has no '{name}' condition stream (it has: {have})")
+            encoder = self.encoders[name]
+            if name == "image":
+                value = self._image_input(value)
+            encoded = encoder.encode(value, device=self.device)
+            tokens[name] = encoded.tokens
+            if encoded.mask is not None:
+                masks[name] = encoded.mask
+        return Conditions(tokens=tokens, masks=masks)
+
+    def _image_input(self, image) -> torch.Tensor:
+        from ..models.conditioning import images_to_tensor
+
+        x = images_to_tensor(image if isinstance(image, torch.Tensor) else np.asarray(image))
+        encoder = self.encoders["image"]
+        if getattr(encoder, "patch_size", None) and not hasattr(encoder, "input_size"):  # builtin CNN
+            size = max(encoder.patch_size, self.image_px // encoder.patch_size * encoder.patch_size)
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                align_corners=False).clamp(0, 1)
+        return x
+
+    def generate(self, height: int, width: int, conditions: Conditions | None = None, *, steps: int = 20,
+                 method: str = "euler", guidance: float = 0.0, seed: int = 0, overlap_px: int | None = None,
+                 batch_size: int = 8, progress: ProgressCallback | None = None) -> torch.Tensor:
+        """Pixels (C, height, width) in [0, 1] sampled from noise (seeded) under `conditions`."""
+        return generate_region(self, height, width, conditions, steps=steps, method=method, guidance=guidance,
+                               seed=seed, overlap_px=overlap_px, batch_size=batch_size, progress=progress)
+
+
+def generate_region(gen: RegionGenerator, height: int, width: int, conditions: Conditions | None = None, *,
+                    steps: int = 20, method: str = "euler", guidance: float = 0.0, seed: int = 0,
+                    overlap_px: int | None = None, batch_size: int = 8,
+                    progress: ProgressCallback | None = None) -> torch.Tensor:
+    """Sample a (height, width) region; windows of `gen.window_px` fused where it is larger."""
+    if height < 1 or width < 1:
+        raise ValueError(f"region size must be positive, got {height} x {width}")
+    d, p = gen.codec.downscale, gen.model.config.patch_size
+    unit = d * p
+    hl, wl = math.ceil(height / unit) * p, math.ceil(width / unit) * p  # latent size, whole patches
+    window = max(p, gen.window_px // d // p * p)
+    overlap = (overlap_px if overlap_px is not None else gen.window_px // 4) // d // p * p
+    overlap = min(overlap, window - p)
+    fused = FusedWindows(gen.model, window, overlap, batch_size)
+    channels = gen.model.config.in_channels
+    noise = make_noise((1, channels, hl, wl), seed, device=gen.device)
+    cls_dim = gen.model.config.cls_dim
+    cls_noise = make_noise((1, cls_dim), seed + 1, device=gen.device) if cls_dim else None
+    cond = None if conditions is None or not conditions.tokens else conditions.to(gen.device)
+    generator = torch.Generator().manual_seed(int(seed) + 2) if method == "sde" else None
+    result = sample(fused, noise, cond, method=method, steps=steps, guidance=guidance, cls_noise=cls_noise,
+                    generator=generator, progress=progress)
+    pixels = tiled_decode(gen.codec, result.x[0].float()).clamp(0, 1).cpu()
+    return pixels[:, :height, :width]
+
+
+def load_generator(spec: str | Path, device: str = "cpu") -> RegionGenerator:
+    """A checkpoint folder or hub id with condition streams and no spatial template."""
+    from ..models.checkpoint import CHECKPOINT_FILES, load_model, read_pipeline, weights_sha256
+    from ..models.conditioning import build_encoder
+    from ..models.vae import load_vae
+
+    from ..zoo import resolve_model
+
+    folder = resolve_model(spec, CHECKPOINT_FILES)  # a bundled id, a folder or a hub id
+    pipeline = read_pipeline(folder)
+    model = load_model(folder, device=device)
+    if model.config.concat_channels:
+        raise ValueError(f"{folder}: this model restains a source image (spatial template); "
+                         "use it with the virtual-stain widget or `mupad stain`, not for generation from noise")
+    dims = dict(model.config.condition_dims or {})
+    token_counts = dict(model.config.condition_tokens or {})
+    specs = pipeline.get("encoders", {})
+    encoders = {}
+    for modality, dim in dims.items():
+        entry = dict(specs.get(modality) or {})
+        name = entry.pop("name", None)
+        if modality == "rna":
+            entry.setdefault("num_pathways", token_counts.get("rna"))
+        encoder = build_encoder(modality, name, **entry)
+        if encoder.token_dim != dim:
+            raise ValueError(f"{folder}: the {modality} encoder ({name or 'default'}) gives {encoder.token_dim}-d tokens, "
+                             f"the model's {modality} stream takes {dim}-d")
+        weights = folder / f"{modality}_encoder.safetensors"
+        if weights.is_file():
+            from safetensors.torch import load_file
+
+            encoder.load_state_dict(load_file(weights), strict=True)
+        encoders[modality] = encoder.to(device).eval()
+    return RegionGenerator(model=model, codec=load_vae(pipeline["vae"], device=device), encoders=encoders,
+                           model_id=str(spec), weights_hash=weights_sha256(folder),
+                           window_px=int(pipeline.get("window_px", 256)), image_px=int(pipeline.get("image_px", 224)),
+                           device=torch.device(device))
