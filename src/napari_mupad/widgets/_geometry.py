@@ -1,0 +1,121 @@
+"""World boxes, level-0 ROIs and layer placement: the arithmetic between napari and the core.
+
+Conventions (napari's): an image layer's pixel i has its centre at data coordinate i and
+covers [i - 0.5, i + 0.5); world = data * scale + translate. A level-0 ROI (x, y, w, h)
+of a slide is the pixels whose centres fall inside a world box. Pure functions, no Qt, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+EPS = 1e-3  # px: Shapes store float32 vertices, so a corner on a pixel centre comes back ~1e-5 px off
+
+
+def layer_mpp(layer) -> float:
+    """Level-0 pixel size of a slide layer in µm: metadata['mpp'] (number or (x, y)), else its scale."""
+    mpp = layer.metadata.get("mpp")
+    if mpp is None:
+        return float(layer.scale[-1])
+    if np.isscalar(mpp):
+        return float(mpp)
+    return float(list(mpp)[0])
+
+
+def level0_shape(layer) -> tuple[int, int]:
+    """(height, width) of the layer's full-resolution data (rgb channel dropped)."""
+    data = layer.data[0] if layer.multiscale else layer.data
+    shape = data.shape[:-1] if layer.rgb else data.shape
+    return int(shape[-2]), int(shape[-1])
+
+
+def camera(viewer):
+    """The viewer's camera (napari >= 0.9: viewer.scene.camera; before: viewer.camera)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera
+
+
+def visible_world_box(viewer) -> tuple[np.ndarray, np.ndarray]:
+    """(top-left, bottom-right) world (y, x) of what the 2-D canvas shows now."""
+    cam = camera(viewer)
+    center = np.asarray(cam.center, dtype=float)[-2:]
+    size = np.asarray(viewer.canvas.size, dtype=float)  # (height, width) in screen px
+    half = size / 2.0 / float(cam.zoom)
+    return center - half, center + half
+
+
+def world_box_to_roi(layer, top_left_world: Sequence[float], bottom_right_world: Sequence[float],
+                     clip: bool = True) -> tuple[int, int, int, int] | None:
+    """Level-0 ROI (x, y, w, h) of `layer` whose pixel centres lie in the world box; None if empty."""
+    corners_world = np.array([top_left_world, bottom_right_world], dtype=float)
+    ndim = layer.ndim
+    full = np.zeros((2, ndim))
+    full[:, -2:] = corners_world[:, -2:]
+    data = np.array([layer.world_to_data(p) for p in full])[:, -2:]
+    lo, hi = data.min(axis=0), data.max(axis=0)
+    y0, x0 = (math.ceil(v - EPS) for v in lo)
+    y1, x1 = (math.ceil(v - EPS) for v in hi)
+    if clip:
+        height, width = level0_shape(layer)
+        y0, x0 = max(y0, 0), max(x0, 0)
+        y1, x1 = min(y1, height), min(x1, width)
+    if y1 <= y0 or x1 <= x0:
+        return None
+    return int(x0), int(y0), int(x1 - x0), int(y1 - y0)
+
+
+def shape_world_boxes(shapes_layer, rectangles_only: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """World (top-left, bottom-right) (y, x) boxes of a Shapes layer's rectangles (or all shapes' bounds)."""
+    boxes = []
+    for verts, kind in zip(shapes_layer.data, shapes_layer.shape_type):
+        if rectangles_only and kind != "rectangle":
+            continue
+        world = np.array([shapes_layer.data_to_world(v) for v in np.asarray(verts, dtype=float)])[:, -2:]
+        boxes.append((world.min(axis=0), world.max(axis=0)))
+    return boxes
+
+
+def overlay_placement(source_layer, roi: tuple[int, int, int, int], src_mpp: float,
+                      out_mpp: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(scale, translate) in world (y, x) of an output image of ROI `roi` at `out_mpp`.
+
+    Output pixel (0, 0) averages source pixels [x0, x0 + s) with s = out_mpp / src_mpp: its
+    centre sits at source pixel x0 + (s - 1) / 2. The source layer's own world transform
+    (scale per µm, translate) is applied, so the overlay sits on the source wherever it is.
+    """
+    x0, y0 = roi[0], roi[1]
+    s = out_mpp / src_mpp
+    src_scale = np.asarray(source_layer.scale, dtype=float)[-2:]
+    src_translate = np.asarray(source_layer.translate, dtype=float)[-2:]
+    origin = np.array([y0 + (s - 1) / 2, x0 + (s - 1) / 2])
+    translate = src_translate + origin * src_scale
+    scale = src_scale * s
+    return (float(scale[0]), float(scale[1])), (float(translate[0]), float(translate[1]))
+
+
+def layer_units(layer) -> dict:
+    """{'units': ...} of a layer's last two axes, for new layers placed on it (napari warns on mixed units)."""
+    units = getattr(layer, "units", None)
+    if units is None:
+        return {}
+    return {"units": tuple(str(u) for u in units)[-2:]}
+
+
+def fit_box(top_left: Sequence[float], bottom_right: Sequence[float], pixel: float
+            ) -> tuple[tuple[int, int], tuple[float, float], tuple[float, float]]:
+    """Pixels that exactly fill a world box at about `pixel` world units each.
+
+    Returns (height, width), scale and translate (pixel centres) such that the image's pixel
+    edges are the box's edges: extent = box shrunk by half a pixel on each side.
+    """
+    tl, br = np.asarray(top_left, float)[-2:], np.asarray(bottom_right, float)[-2:]
+    size = br - tl
+    if (size <= 0).any():
+        raise ValueError(f"empty box {tuple(tl)} - {tuple(br)}")
+    n = np.maximum(1, np.round(size / pixel)).astype(int)
+    scale = size / n
+    translate = tl + scale / 2
+    return (int(n[0]), int(n[1])), (float(scale[0]), float(scale[1])), (float(translate[0]), float(translate[1]))

@@ -1,0 +1,434 @@
+"""The ROI generation widget: new tissue in each drawn rectangle, from a prompt, an RNA profile or an image.
+
+For every rectangle of the chosen Shapes layer, `mupad_core.generate.roi` samples a region
+from noise with a token-conditioned MupadSiT (windows fused where the rectangle is larger
+than the model's window) under one condition:
+
+- a text prompt (the checkpoint's text encoder, MiniLM by default);
+- an RNA profile: an expression table (CSV/TSV or .h5ad) and a sample/spot id, scored on the
+  bundled pathway gene sets by `mupad_core.rna.pathways.pathway_scores`;
+- a reference image: another layer's pixels under the rectangle, through the checkpoint's
+  image encoder.
+
+Each result is a new RGB layer whose pixel edges are exactly the rectangle's edges, with the
+provenance (model, weights hash, condition, seed, steps) in its metadata. Work runs in a
+napari `thread_worker`; Cancel stops at the next sampler step; errors are notifications.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import napari
+import napari.viewer
+import numpy as np
+from napari.layers import Image, Shapes
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QStackedWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import _geometry as geo
+from ._worker import SerialEvents, main_thread_torch_threads, match_torch_threads, resolve_device, short_error
+
+CONDITIONS = ("Text prompt", "RNA profile", "Reference image")
+DEVICES = ("auto", "cpu", "cuda")
+MAX_PIXELS = 4096 * 4096  # per rectangle: beyond this a CPU run takes hours; draw smaller ROIs
+REFERENCE_MAX_PX = 2048  # a reference region is read from the level that brings it under this
+
+
+@dataclass
+class RoiJob:
+    index: int
+    shape: tuple[int, int]  # output (height, width) px
+    scale: tuple[float, float]
+    translate: tuple[float, float]
+    box: tuple[tuple[float, float], tuple[float, float]]  # world (y, x) top-left, bottom-right
+    reference: object | None = None  # lazy array (h, w, C) for image conditioning
+    layer: object | None = None
+    status: str = "pending"
+
+
+class _Relay(QObject):
+    step = Signal(int, int, int)  # job index, steps done, total
+    result = Signal(int, object, object)  # job index, (H, W, C) uint8, provenance dict
+
+
+def _generate_worker(model: str, device: str, threads: int, kind: str, value, jobs: list, steps: int, seed: int,
+                     guidance: float, cancel: threading.Event, relay: _Relay) -> list:
+    """Worker thread: load the model, encode the condition, sample each rectangle."""
+    match_torch_threads(threads)
+    from mupad_core import __version__
+    from mupad_core.generate.engine import Cancelled
+    from mupad_core.generate.roi import load_generator
+
+    gen = load_generator(model, device=resolve_device(device))
+    provenance_condition: dict = {"kind": kind}
+    shared = None
+    if kind == "text":
+        shared = gen.conditions(text=value)
+        provenance_condition["text"] = value
+    elif kind == "rna":
+        try:
+            from mupad_core.rna.pathways import pathway_scores
+        except ImportError as exc:
+            raise RuntimeError("RNA profiles are not available yet in this install (mupad_core.rna.pathways)") from exc
+        table, sample = value
+        scored = pathway_scores(table, sample=sample or None)
+        if len(scored.scores) != 1:
+            raise ValueError(f"{table}: {len(scored.scores)} samples; give the one sample/spot id to use")
+        shared = gen.conditions(rna=scored.scores)
+        provenance_condition.update(table=str(table), sample=str(scored.scores.index[0]),
+                                    pathway_method=scored.method, genes_matched=scored.report.n_matched)
+    results = []
+    for index, (height, width), reference in jobs:
+        if cancel.is_set():
+            results.append((index, "cancelled"))
+            continue
+        cond = shared if kind != "image" else gen.conditions(image=np.asarray(reference))
+
+        def progress(done, total, index=index):
+            relay.step.emit(index, done, total)
+            if cancel.is_set():
+                raise Cancelled()
+
+        try:
+            pixels = gen.generate(height, width, cond, steps=steps, seed=seed + index, guidance=guidance,
+                                  progress=progress)
+        except Cancelled:
+            results.append((index, "cancelled"))
+            continue
+        out = (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        provenance = {
+            "model_id": gen.model_id, "weights_hash": gen.weights_hash, "task": "generate",
+            "condition": provenance_condition, "seed": seed + index, "steps": steps, "guidance": guidance,
+            "software": f"napari-mupad {__version__}", "generated": True, "not_for_diagnosis": True,
+            "notice": "Generated by a generative model; hypothesis-generating, not for diagnosis.",
+        }
+        relay.result.emit(index, out, provenance)
+        results.append((index, "done"))
+    return results
+
+
+class RoiGenerateWidget(QWidget):
+    """Dock widget: ROI shapes, condition (text / RNA / reference image), model, sampling; Run / Cancel."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker = None
+        self.jobs: list[RoiJob] = []
+        self._cancel = threading.Event()
+        self._progress = None
+        self._relay = _Relay()
+        self._events = SerialEvents(lambda exc: show_error(f"MUPAD generate: {short_error(exc)}"))
+        self._relay.step.connect(lambda *a: self._events.post(self._on_step, *a))
+        self._relay.result.connect(lambda *a: self._events.post(self._on_result, *a))
+
+        self.shapes_combo = QComboBox()
+        self.condition_combo = QComboBox()
+        self.condition_combo.addItems(CONDITIONS)
+        self.prompt_edit = QLineEdit()
+        self.prompt_edit.setPlaceholderText("e.g. invasive carcinoma with dense lymphocytes")
+        self.rna_table_edit = QLineEdit()
+        self.rna_table_edit.setPlaceholderText("expression table: .csv / .tsv / .h5ad")
+        self.rna_browse = QPushButton("File…")
+        self.rna_sample_edit = QLineEdit()
+        self.rna_sample_edit.setPlaceholderText("sample or spot id (row)")
+        self.reference_combo = QComboBox()
+        self.model_combo = QComboBox()
+        self.model_combo.setEditable(True)
+        self.model_combo.setToolTip("checkpoint folder or hub id of a token-conditioned MUPAD model")
+        self.model_browse = QPushButton("Folder…")
+        self.pixel_spin = QDoubleSpinBox()
+        self.pixel_spin.setDecimals(4)
+        self.pixel_spin.setRange(1e-4, 1e4)
+        self.pixel_spin.setValue(1.0)
+        self.pixel_spin.setToolTip("output pixel size in world units (µm for slides); default: the slide's")
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(1, 1000)
+        self.steps_spin.setValue(20)
+        self.seed_spin = QSpinBox()
+        self.seed_spin.setRange(0, 2**31 - 1)
+        self.guidance_spin = QDoubleSpinBox()
+        self.guidance_spin.setRange(0.0, 20.0)
+        self.guidance_spin.setSingleStep(0.5)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(DEVICES)
+        self.run_button = QPushButton("Generate")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.status_label = QLabel("idle")
+        self.status_label.setWordWrap(True)
+
+        # One page of inputs per condition kind.
+        self.condition_pages = QStackedWidget()
+        text_page = QWidget()
+        QFormLayout(text_page).addRow("Prompt", self.prompt_edit)
+        rna_page = QWidget()
+        rna_form = QFormLayout(rna_page)
+        table_row = QHBoxLayout()
+        table_row.addWidget(self.rna_table_edit, 1)
+        table_row.addWidget(self.rna_browse)
+        rna_form.addRow("Table", table_row)
+        rna_form.addRow("Sample", self.rna_sample_edit)
+        image_page = QWidget()
+        QFormLayout(image_page).addRow("Reference", self.reference_combo)
+        for page in (text_page, rna_page, image_page):
+            self.condition_pages.addWidget(page)
+
+        form = QFormLayout()
+        form.addRow("ROI shapes", self.shapes_combo)
+        form.addRow("Condition", self.condition_combo)
+        form.addRow(self.condition_pages)
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(self.model_browse)
+        form.addRow("Model", model_row)
+        form.addRow("Pixel size", self.pixel_spin)
+        form.addRow("Steps", self.steps_spin)
+        form.addRow("Seed", self.seed_spin)
+        form.addRow("Guidance", self.guidance_spin)
+        form.addRow("Device", self.device_combo)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status_label)
+        notice = QLabel("Generated images: hypothesis-generating, not for diagnosis.")
+        notice.setWordWrap(True)
+        layout.addWidget(notice)
+        layout.addStretch(1)
+
+        self.condition_combo.currentIndexChanged.connect(self.condition_pages.setCurrentIndex)
+        self.rna_browse.clicked.connect(self._browse_table)
+        self.model_browse.clicked.connect(self._browse_model)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
+                      self.viewer.layers.events.reordered):
+            event.connect(self._refresh_layer_choices)
+        self._pixel_from_slide = True
+        self.pixel_spin.valueChanged.connect(lambda *_: setattr(self, "_pixel_from_slide", False))
+        self._refresh_layer_choices()
+
+    # -- form ------------------------------------------------------------------------
+    def _refresh_layer_choices(self, event=None) -> None:
+        images = [lay for lay in self.viewer.layers if isinstance(lay, Image) and lay.rgb]
+        shapes = [lay for lay in self.viewer.layers if isinstance(lay, Shapes)]
+        for combo, layers in ((self.shapes_combo, shapes), (self.reference_combo, images)):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems([lay.name for lay in layers])
+            if current in [lay.name for lay in layers]:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+        slides = [lay for lay in images if lay.metadata.get("path")]
+        if slides and self._pixel_from_slide:
+            self.pixel_spin.blockSignals(True)
+            self.pixel_spin.setValue(float(slides[0].scale[-1]))  # the slide's level-0 pixel, in world units
+            self.pixel_spin.blockSignals(False)
+
+    def _browse_table(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Expression table", "", "Tables (*.csv *.tsv *.txt *.gz *.h5ad)")
+        if path:
+            self.rna_table_edit.setText(path)
+
+    def _browse_model(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "MUPAD checkpoint folder")
+        if folder:
+            self.model_combo.setCurrentText(folder)
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def _layer(self, name: str, kind):
+        return next((lay for lay in self.viewer.layers if isinstance(lay, kind) and lay.name == name), None)
+
+    def plan(self) -> list[RoiJob]:
+        """One job per rectangle: output size and placement (raises ValueError with a message)."""
+        shapes = self._layer(self.shapes_combo.currentText(), Shapes)
+        if shapes is None:
+            raise ValueError("no Shapes layer chosen: add one and draw rectangles")
+        boxes = geo.shape_world_boxes(shapes)
+        if not boxes:
+            raise ValueError(f"Shapes layer '{shapes.name}' has no rectangles")
+        pixel = float(self.pixel_spin.value())
+        jobs = []
+        for i, (tl, br) in enumerate(boxes):
+            (h, w), scale, translate = geo.fit_box(tl, br, pixel)
+            if h * w > MAX_PIXELS:
+                raise ValueError(f"rectangle {i + 1} is {w} x {h} px at {pixel:g} per px; "
+                                 f"draw a smaller one or raise the pixel size (limit {MAX_PIXELS} px)")
+            jobs.append(RoiJob(i, (h, w), scale, translate, ((float(tl[0]), float(tl[1])),
+                                                             (float(br[0]), float(br[1])))))
+        return jobs
+
+    def _reference_region(self, layer: Image, box) -> object:
+        """Lazy (h, w, C) pixels of `layer` under a world box, from a level that keeps it small."""
+        levels = list(layer.data) if layer.multiscale else [layer.data]
+        full = levels[0].shape[:2]
+        tl, br = np.zeros(layer.ndim), np.zeros(layer.ndim)
+        tl[-2:], br[-2:] = box
+        corners = np.array([layer.world_to_data(tl), layer.world_to_data(br)])[:, -2:]
+        lo, hi = corners.min(0) + 0.5, corners.max(0) + 0.5  # pixel-edge coordinates
+        for level in levels:
+            f = np.array(full, float) / np.array(level.shape[:2], float)
+            y0, x0 = np.maximum(np.floor(lo / f), 0).astype(int)
+            y1, x1 = np.minimum(np.ceil(hi / f), level.shape[:2]).astype(int)
+            if max(y1 - y0, x1 - x0) <= REFERENCE_MAX_PX or level is levels[-1]:
+                if y1 <= y0 or x1 <= x0:
+                    raise ValueError(f"the rectangle does not overlap the reference layer '{layer.name}'")
+                return level[y0:y1, x0:x1]
+        raise AssertionError("unreachable")
+
+    # -- run -------------------------------------------------------------------------
+    def run(self) -> None:
+        if self.running:
+            show_warning("a generation run is in progress; cancel it or wait")
+            return
+        try:
+            self._start()
+        except Exception as exc:
+            show_error(f"MUPAD generate: {short_error(exc)}")
+            self._set_idle(f"error: {short_error(exc)}")
+
+    def _start(self) -> None:
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        jobs = self.plan()
+        model = self.model_combo.currentText().strip()
+        if not model:
+            raise ValueError("no model: choose a checkpoint folder or hub id of a token-conditioned MUPAD model")
+        kind = ("text", "rna", "image")[self.condition_combo.currentIndex()]
+        value = None
+        if kind == "text":
+            value = self.prompt_edit.text().strip()
+            if not value:
+                raise ValueError("empty prompt: type what the tissue should show")
+        elif kind == "rna":
+            try:
+                import mupad_core.rna.pathways  # noqa: F401
+            except ImportError as exc:
+                raise RuntimeError("RNA profiles are not available yet in this install (mupad_core.rna.pathways)") from exc
+            table = self.rna_table_edit.text().strip()
+            if not table or not Path(table).expanduser().is_file():
+                raise ValueError(f"expression table {table or '(none)'} not found")
+            value = (str(Path(table).expanduser()), self.rna_sample_edit.text().strip())
+        else:
+            reference = self._layer(self.reference_combo.currentText(), Image)
+            if reference is None:
+                raise ValueError("no reference image layer chosen")
+            for job in jobs:
+                job.reference = self._reference_region(reference, job.box)
+            value = reference.name
+        self.jobs = jobs
+        self._kind, self._value = kind, value
+        self._cancel = threading.Event()
+        self.worker = create_worker(
+            _generate_worker, model, self.device_combo.currentText(), main_thread_torch_threads(), kind,
+            value if kind != "image" else None, [(j.index, j.shape, j.reference) for j in jobs],
+            self.steps_spin.value(), self.seed_spin.value(), float(self.guidance_spin.value()),
+            self._cancel, self._relay, _start_thread=False, _ignore_errors=True,
+        )
+        self.worker.returned.connect(lambda r: self._events.post(self._on_returned, r))
+        self.worker.errored.connect(lambda e: self._events.post(self._on_errored, e))
+        self.worker.finished.connect(lambda: self._events.post(self._on_finished))
+        self._progress = progress(total=self.steps_spin.value() * len(jobs), desc="MUPAD generate")
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress_bar.setRange(0, 0)
+        self.status_label.setText(f"loading model {model} …")
+        self.worker.start()
+
+    def cancel(self) -> None:
+        if not self.running:
+            return
+        self._cancel.set()
+        self.cancel_button.setEnabled(False)
+        self.status_label.setText("cancelling after the current step …")
+
+    # -- worker events (GUI thread) ----------------------------------------------------
+    def _on_step(self, index: int, done: int, total: int) -> None:
+        overall_total = total * len(self.jobs)
+        overall = index * total + done
+        self.progress_bar.setRange(0, overall_total)
+        self.progress_bar.setValue(overall)
+        self.status_label.setText(f"rectangle {index + 1}/{len(self.jobs)}: step {done}/{total}")
+        if self._progress is not None:
+            self._progress.update(overall - self._progress.n)
+
+    def _on_result(self, index: int, pixels: np.ndarray, provenance: dict) -> None:
+        job = self.jobs[index]
+        what = {"text": f"'{self._value[:40]}'", "rna": f"RNA {self._value[1] or Path(self._value[0]).name}",
+                "image": f"like {self._value}"}[self._kind]
+        shapes = self._layer(self.shapes_combo.currentText(), Shapes)
+        units = geo.layer_units(shapes) if shapes is not None else {}
+        meta = {"mupad": {**provenance, "roi_world": [list(job.box[0]), list(job.box[1])],
+                          "pixel_size": list(job.scale)},
+                "generated": True, "not_for_diagnosis": True, "mpp": (job.scale[1], job.scale[0])}
+        job.layer = self.viewer.add_image(pixels, rgb=pixels.shape[-1] in (3, 4), contrast_limits=(0, 255),
+                                          scale=job.scale, translate=job.translate, metadata=meta,
+                                          name=f"generated {what} #{index + 1}", **units)
+        if shapes is not None and shapes in self.viewer.layers:  # keep the rectangles visible and editable
+            self.viewer.layers.move(self.viewer.layers.index(job.layer), self.viewer.layers.index(shapes))
+        job.status = "done"
+
+    def _on_returned(self, results: list) -> None:
+        cancelled = [index for index, status in results if status == "cancelled"]
+        for index in cancelled:
+            self.jobs[index].status = "cancelled"
+        if cancelled:
+            show_info(f"MUPAD generate cancelled: {len(cancelled)} rectangle(s) not generated")
+
+    def _on_errored(self, exc: BaseException) -> None:
+        for job in self.jobs:
+            if job.status != "done":
+                job.status = "failed"
+        show_error(f"MUPAD generate failed: {short_error(exc)}")
+        self.status_label.setText(f"error: {short_error(exc)}")
+
+    def _on_finished(self) -> None:
+        done = sum(job.status == "done" for job in self.jobs)
+        text = self.status_label.text() if self.status_label.text().startswith("error") else \
+            f"idle — {done}/{len(self.jobs)} rectangle(s) generated" + (" (cancelled)" if self._cancel.is_set() else "")
+        self._set_idle(text)
+
+    def _set_idle(self, text: str) -> None:
+        self.worker = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.status_label.setText(text)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt)
+        self.cancel()
+        super().closeEvent(event)

@@ -1,0 +1,494 @@
+"""The virtual-stain widget: run a task over a slide layer's view, drawn ROIs or the whole slide.
+
+The widget only wires napari to the core: it turns the chosen region into level-0 ROIs of
+the source slide, runs `mupad_core.generate.engine.run_stain` for each in a napari
+`thread_worker` (never on the GUI thread), and shows each result as an overlay layer aligned
+with the source that fills in as blocks finish (read from the store's ``.partial`` folder, only
+finished chunks) and is swapped for the finished multiscale store at the end. Cancel stops the
+run after the block in progress: the partial store stays on disk (resumable with
+``mupad stain --resume``) and its layer is removed, so nothing incomplete looks finished.
+Every error ends as a napari notification.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import napari
+import napari.viewer
+from napari.layers import Image, Shapes
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import _geometry as geo
+from ._worker import (
+    SerialEvents,
+    default_output_dir,
+    main_thread_torch_threads,
+    match_torch_threads,
+    resolve_device,
+    short_error,
+    unique_path,
+)
+
+TASKS = ("he2he", "he2ihc:ki67", "he2ihc:her2", "he2ihc:pr", "he2mif", "ff2ffpe", "identity")
+MODELS = ("identity",)  # plus any folder or hub id typed or browsed
+REGIONS = ("Current view", "Drawn rectangles", "Whole slide")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class StainJob:
+    """One ROI to stain: what the worker runs and where the GUI puts it."""
+
+    index: int
+    roi: tuple[int, int, int, int]  # level-0 x, y, w, h
+    out: Path
+    label: str
+    layers: list = field(default_factory=list)  # preview, then final layers
+    store: object | None = None  # PartialStore while running
+    status: str = "pending"  # pending, running, done, cancelled, failed
+    resume: bool = False  # continue an existing NAME.partial
+
+
+class _Relay(QObject):
+    """Signals the worker emits from its thread; delivered queued on the GUI thread."""
+
+    block = Signal(int, int, int)  # job index, blocks done, blocks total
+    finished_job = Signal(int, str)  # job index, final store path
+
+
+def _stain_worker(slide_path: str, mpp: float | None, model: str, task: str, device: str, threads: int | None,
+                  jobs: list[tuple[int, tuple, str, bool]], engine: dict, cancel: threading.Event,
+                  relay: _Relay) -> list:
+    """Runs in a worker thread: load the model once, stain each ROI. Returns [(index, status, path)]."""
+    match_torch_threads(threads)
+    from mupad_core.generate.engine import Cancelled, StainConfig, run_stain
+    from mupad_core.generate.models import load_handle
+    from mupad_core.slide.readers import open_slide
+
+    results = []
+    handle = load_handle(model, task, device=resolve_device(device))
+    with open_slide(slide_path, mpp=mpp) as reader:
+        for index, roi, out, resume in jobs:
+            if cancel.is_set():
+                results.append((index, "cancelled", out))
+                continue
+
+            def progress(done, total, index=index):
+                relay.block.emit(index, done, total)
+                if cancel.is_set() and done < total:  # after the last block: let it finish
+                    raise Cancelled()
+
+            config = StainConfig(task=task, roi=tuple(roi), resume=resume, **engine)
+            try:
+                final = run_stain(reader, handle, out, config, progress=progress)
+            except Cancelled:
+                results.append((index, "cancelled", out))
+                continue
+            relay.finished_job.emit(index, str(final))
+            results.append((index, "done", str(final)))
+    return results
+
+
+class StainWidget(QWidget):
+    """Dock widget: source layer, task, model, region, steps, seed, device, output folder; Run / Cancel."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker = None
+        self.jobs: list[StainJob] = []
+        self._cancel = threading.Event()
+        self._progress = None
+        self._source_name: str | None = None
+        self._relay = _Relay()
+        self._relay.block.connect(lambda *a: self._events.post(self._on_block, *a))
+        self._relay.finished_job.connect(lambda *a: self._events.post(self._on_job_done, *a))
+        self._events = SerialEvents(lambda exc: show_error(f"MUPAD stain: {short_error(exc)}"))
+        # Engine settings the form does not show (tests and power users may change them).
+        self.engine_options: dict = {"batch_size": 8}
+
+        self.source_combo = QComboBox()
+        self.task_combo = QComboBox()
+        self.task_combo.setEditable(True)
+        self.task_combo.addItems(TASKS)
+        self.model_combo = QComboBox()
+        self.model_combo.setEditable(True)
+        self.model_combo.addItems(MODELS)
+        self.model_combo.setToolTip("'identity' (returns the input; for checks), a checkpoint folder, or a hub id")
+        self.model_browse = QPushButton("Folder…")
+        self.region_combo = QComboBox()
+        self.region_combo.addItems(REGIONS)
+        self.shapes_combo = QComboBox()
+        self.shapes_combo.setToolTip("Shapes layer whose rectangles are the ROIs (each is its own run)")
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(1, 1000)
+        self.steps_spin.setValue(20)
+        self.seed_spin = QSpinBox()
+        self.seed_spin.setRange(0, 2**31 - 1)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(DEVICES)
+        self.output_edit = QLineEdit(str(default_output_dir()))
+        self.output_browse = QPushButton("Folder…")
+        self.resume_check = QCheckBox("Resume an unfinished result of the same ROI")
+        self.resume_check.setToolTip("continue NAME.ome.zarr.partial left by a cancelled run (same settings)")
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.status_label = QLabel("idle")
+        self.status_label.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Source", self.source_combo)
+        form.addRow("Task", self.task_combo)
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(self.model_browse)
+        form.addRow("Model", model_row)
+        form.addRow("Region", self.region_combo)
+        form.addRow("ROI shapes", self.shapes_combo)
+        form.addRow("Steps", self.steps_spin)
+        form.addRow("Seed", self.seed_spin)
+        form.addRow("Device", self.device_combo)
+        out_row = QHBoxLayout()
+        out_row.addWidget(self.output_edit, 1)
+        out_row.addWidget(self.output_browse)
+        form.addRow("Output", out_row)
+        form.addRow(self.resume_check)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status_label)
+        notice = QLabel("Generated images: hypothesis-generating, not for diagnosis.")
+        notice.setWordWrap(True)
+        layout.addWidget(notice)
+        layout.addStretch(1)
+
+        self.model_browse.clicked.connect(self._browse_model)
+        self.output_browse.clicked.connect(self._browse_output)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.region_combo.currentTextChanged.connect(self._update_enabled)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
+                      self.viewer.layers.events.reordered):
+            event.connect(self._refresh_layer_choices)
+        self._refresh_layer_choices()
+        self._update_enabled()
+
+    # -- form ------------------------------------------------------------------------
+    def _slide_layers(self) -> list[Image]:
+        return [lay for lay in self.viewer.layers
+                if isinstance(lay, Image) and lay.metadata.get("path") and not lay.metadata.get("mupad_preview")]
+
+    def _refresh_layer_choices(self, event=None) -> None:
+        for combo, layers in ((self.source_combo, self._slide_layers()),
+                              (self.shapes_combo, [lay for lay in self.viewer.layers if isinstance(lay, Shapes)])):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems([lay.name for lay in layers])
+            if current in [lay.name for lay in layers]:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+
+    def _update_enabled(self, *_) -> None:
+        self.shapes_combo.setEnabled(self.region_combo.currentText() == "Drawn rectangles")
+
+    def _browse_model(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "MUPAD checkpoint folder")
+        if folder:
+            self.model_combo.setCurrentText(folder)
+
+    def _browse_output(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Output folder", self.output_edit.text())
+        if folder:
+            self.output_edit.setText(folder)
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def source_layer(self) -> Image | None:
+        name = self.source_combo.currentText()
+        return next((lay for lay in self._slide_layers() if lay.name == name), None)
+
+    def rois(self) -> list[tuple[int, int, int, int]]:
+        """Level-0 ROIs of the source for the chosen region (raises ValueError with a message)."""
+        source = self.source_layer()
+        if source is None:
+            raise ValueError("no source slide layer: open a slide (a layer with a file path) first")
+        region = self.region_combo.currentText()
+        if region == "Whole slide":
+            height, width = geo.level0_shape(source)
+            return [(0, 0, width, height)]
+        if region == "Current view":
+            roi = geo.world_box_to_roi(source, *geo.visible_world_box(self.viewer))
+            if roi is None:
+                raise ValueError("the current view does not show any of the source slide")
+            return [roi]
+        shapes = next((lay for lay in self.viewer.layers
+                       if isinstance(lay, Shapes) and lay.name == self.shapes_combo.currentText()), None)
+        if shapes is None:
+            raise ValueError("no Shapes layer chosen: draw rectangles in a Shapes layer first")
+        boxes = geo.shape_world_boxes(shapes)
+        if not boxes:
+            raise ValueError(f"Shapes layer '{shapes.name}' has no rectangles")
+        rois = [geo.world_box_to_roi(source, tl, br) for tl, br in boxes]
+        kept = [r for r in rois if r is not None]
+        if len(kept) < len(rois):
+            show_warning(f"{len(rois) - len(kept)} rectangle(s) lie outside the source slide and are skipped")
+        if not kept:
+            raise ValueError("no rectangle overlaps the source slide")
+        return kept
+
+    # -- run -------------------------------------------------------------------------
+    def run(self) -> None:
+        """Start staining the chosen region (GUI thread); returns at once."""
+        if self.running:
+            show_warning("a stain run is in progress; cancel it or wait")
+            return
+        try:
+            self._start()
+        except Exception as exc:  # never a crash: the user sees what to fix
+            show_error(f"MUPAD stain: {short_error(exc)}")
+            self._set_idle(f"error: {short_error(exc)}")
+
+    def _start(self) -> None:
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        source = self.source_layer()
+        rois = self.rois()
+        model = self.model_combo.currentText().strip()
+        if not model:
+            raise ValueError("no model: choose 'identity', a checkpoint folder or a hub id")
+        task = self.task_combo.currentText().strip() or "he2he"
+        typed = self.output_edit.text().strip()
+        out_dir = Path(typed).expanduser() if typed else default_output_dir(create=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{Path(source.metadata['path']).name.split('.')[0]}-{task.replace(':', '-')}"
+        self.jobs = []
+        taken: set[Path] = set()
+        for i, roi in enumerate(rois):
+            name = f"{stem}-x{roi[0]}-y{roi[1]}-{roi[2]}x{roi[3]}"
+            unfinished = self._unfinished(out_dir, name) if self.resume_check.isChecked() else None
+            out = unfinished or unique_path(out_dir, name, taken=taken)
+            taken.add(out)
+            job = StainJob(i, roi, out, f"{source.name} {task} [{roi[0]},{roi[1]} {roi[2]}x{roi[3]}]")
+            job.resume = unfinished is not None
+            self.jobs.append(job)
+        self._source_name = source.name
+        self._src_mpp = geo.layer_mpp(source)
+        self._cancel = threading.Event()
+        engine = {"steps": self.steps_spin.value(), "seed": self.seed_spin.value(), **self.engine_options}
+        # The pixel size the layer records (the file's, or the one given when it was opened);
+        # none recorded: open_slide refuses the slide rather than guessing one.
+        slide_mpp = self._src_mpp if source.metadata.get("mpp") is not None else None
+        self.worker = create_worker(
+            _stain_worker, str(source.metadata["path"]), slide_mpp, model, task,
+            self.device_combo.currentText(), main_thread_torch_threads(),
+            [(j.index, j.roi, str(j.out), j.resume) for j in self.jobs], engine, self._cancel, self._relay,
+            _start_thread=False, _ignore_errors=True,
+        )
+        self.worker.returned.connect(lambda r: self._events.post(self._on_returned, r))
+        self.worker.errored.connect(lambda e: self._events.post(self._on_errored, e))
+        self.worker.finished.connect(lambda: self._events.post(self._on_finished))
+        self._progress = progress(total=0, desc=f"MUPAD {task}")
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress_bar.setRange(0, 0)  # busy until the first block reports
+        self.status_label.setText(f"loading model {model} …")
+        self.worker.start()
+
+    @staticmethod
+    def _unfinished(out_dir: Path, name: str) -> Path | None:
+        """The newest NAME(-n).ome.zarr whose .partial is still there, if any."""
+        def numbered(rest: str) -> bool:  # "-2.ome.zarr.partial": the unique_path numbering
+            return rest.startswith("-") and rest[1:].split(".")[0].isdigit()
+
+        candidates = [p for p in out_dir.glob(f"{name}*.ome.zarr.partial")
+                      if p.name == f"{name}.ome.zarr.partial" or numbered(p.name[len(name):])]
+        if not candidates:
+            return None
+        newest = max(candidates, key=lambda p: p.stat().st_mtime)
+        return newest.with_name(newest.name.removesuffix(".partial"))
+
+    def cancel(self) -> None:
+        """Stop after the block in progress; the partial store stays on disk, its layer goes."""
+        if not self.running:
+            return
+        self._cancel.set()
+        self.cancel_button.setEnabled(False)
+        self.status_label.setText("cancelling after the current block …")
+
+    # -- worker events (GUI thread) ----------------------------------------------------
+    def _on_block(self, index: int, done: int, total: int) -> None:
+        job = self.jobs[index]
+        job.status = "running"
+        try:
+            if job.store is None and not job.layers:
+                self._add_preview(job)
+            elif job.store is not None:
+                job.store.update()
+                for layer in job.layers:
+                    layer.refresh()
+        except Exception as exc:  # a preview problem must not stop the run
+            show_warning(f"MUPAD: cannot show the partial result: {short_error(exc)}")
+        self.progress_bar.setRange(0, total)
+        self.progress_bar.setValue(done)
+        self.status_label.setText(f"ROI {index + 1}/{len(self.jobs)}: block {done}/{total}")
+        if self._progress is not None:
+            if self._progress.total != total:
+                self._progress.total = total
+                self._progress.n = 0
+            self._progress.set_description(f"MUPAD ROI {index + 1}/{len(self.jobs)}")
+            self._progress.update(done - self._progress.n)
+
+    def _placement(self, job: StainJob, out_mpp: float) -> dict:
+        source = self.viewer.layers[self._source_name] if self._source_name in self.viewer.layers else None
+        if source is None:
+            scale = (out_mpp, out_mpp)
+            translate = (job.roi[1] * self._src_mpp, job.roi[0] * self._src_mpp)
+        else:
+            scale, translate = geo.overlay_placement(source, job.roi, self._src_mpp, out_mpp)
+            return {"scale": scale, "translate": translate, **geo.layer_units(source)}
+        return {"scale": scale, "translate": translate}
+
+    def _add_preview(self, job: StainJob) -> None:
+        from ._preview import PartialStore, preview_levels
+
+        partial = job.out.with_name(job.out.name + ".partial")
+        if not partial.exists():
+            return
+        store = PartialStore(partial)
+        job.store = store
+        place = self._placement(job, self._src_mpp)
+        meta = {"path": str(partial), "mpp": (self._src_mpp, self._src_mpp), "mupad_preview": True, "roi_level0": list(job.roi)}
+        name = f"{job.label} (running)"
+        multiscale = len(store.factors) > 1
+        if store.channels == 3:
+            data = preview_levels(store)
+            job.layers = [self.viewer.add_image(data if multiscale else data[0], rgb=True, multiscale=multiscale,
+                                                contrast_limits=(0, 255), name=name, metadata=meta, **place)]
+        else:
+            job.layers = []
+            for c in range(store.channels):
+                data = preview_levels(store, c)
+                job.layers.append(self.viewer.add_image(
+                    data if multiscale else data[0], multiscale=multiscale, contrast_limits=(0, 255),
+                    blending="additive", name=f"{name} c{c}", metadata=dict(meta), **place))
+        self._below_rois(job.layers)
+
+    def _below_rois(self, layers) -> None:
+        """Put new layers under the ROI Shapes layer (when one was used) so its rectangles stay visible."""
+        if self.region_combo.currentText() != "Drawn rectangles":
+            return
+        shapes = next((lay for lay in self.viewer.layers
+                       if isinstance(lay, Shapes) and lay.name == self.shapes_combo.currentText()), None)
+        for layer in layers:
+            if shapes is not None and layer in self.viewer.layers:
+                here, there = self.viewer.layers.index(layer), self.viewer.layers.index(shapes)
+                if here > there:
+                    self.viewer.layers.move(here, there)
+
+    def _remove_layers(self, job: StainJob) -> None:
+        for layer in job.layers:
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        job.layers = []
+        job.store = None
+
+    def _on_job_done(self, index: int, path: str) -> None:
+        from ._preview import open_result
+
+        job = self.jobs[index]
+        visible = [lay.visible for lay in job.layers]
+        opacity = [lay.opacity for lay in job.layers]
+        self._remove_layers(job)
+        try:
+            levels, provenance, channels = open_result(path)
+        except Exception as exc:
+            show_error(f"MUPAD: finished {path} but cannot open it: {short_error(exc)}")
+            return
+        out_mpp = float(provenance.get("engine", {}).get("target_mpp") or self._src_mpp)
+        place = self._placement(job, out_mpp)
+        meta = {"path": path, "mpp": (out_mpp, out_mpp), "mupad": provenance, "roi_level0": list(job.roi),
+                "source_path": provenance.get("source", {}).get("path")}
+        multiscale = len(levels) > 1
+        data = levels if multiscale else levels[0]
+        if channels == 3:
+            layers = [self.viewer.add_image(data, rgb=True, multiscale=multiscale, contrast_limits=(0, 255),
+                                            name=job.label, metadata=meta, **place)]
+        else:
+            layers = self.viewer.add_image(data, channel_axis=-1, multiscale=multiscale, blending="additive",
+                                           name=[f"{job.label} c{c}" for c in range(channels)], metadata=meta, **place)
+        for k, layer in enumerate(layers):
+            if k < len(visible):
+                layer.visible, layer.opacity = visible[k], opacity[k]
+        job.layers = list(layers)
+        self._below_rois(job.layers)
+        job.status = "done"
+
+    def _on_returned(self, results: list) -> None:
+        cancelled = [index for index, status, _ in results if status == "cancelled"]
+        for index in cancelled:
+            job = self.jobs[index]
+            job.status = "cancelled"
+            self._remove_layers(job)
+        if cancelled:
+            kept = [str(self.jobs[i].out) + ".partial" for i in cancelled
+                    if self.jobs[i].out.with_name(self.jobs[i].out.name + ".partial").exists()]
+            show_info("MUPAD stain cancelled" + (f"; unfinished store kept (resumable): {kept[0]}" if kept else ""))
+
+    def _on_errored(self, exc: BaseException) -> None:
+        for job in self.jobs:
+            if job.status != "done":
+                job.status = "failed"
+                self._remove_layers(job)
+        show_error(f"MUPAD stain failed: {short_error(exc)}")
+        self.status_label.setText(f"error: {short_error(exc)}")
+
+    def _on_finished(self) -> None:
+        done = sum(job.status == "done" for job in self.jobs)
+        text = self.status_label.text() if self.status_label.text().startswith("error") else \
+            f"idle — {done}/{len(self.jobs)} ROI(s) done" + (" (cancelled)" if self._cancel.is_set() else "")
+        self._set_idle(text)
+
+    def _set_idle(self, text: str) -> None:
+        self.worker = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(1 if text.startswith("idle") and not self._cancel.is_set() else 0)
+        self.status_label.setText(text)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt)
+        self.cancel()
+        super().closeEvent(event)

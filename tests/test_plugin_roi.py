@@ -1,0 +1,296 @@
+"""ROI generation: the core sampler over fused windows, and the widget in a real viewer.
+
+The model is a tiny MupadSiT with all three condition streams (text 384-d for the bundled
+MiniLM encoder, RNA as 331 pathway tokens, image 32-d from the builtin CNN), random weights,
+saved as a checkpoint folder. It generates noise-like tissue, but every path runs for real:
+encoders, cross-attention, windowed fusion, sampler, decode, layer placement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = REPO / "docs" / "images"
+EXPRESSION = "expression/tcga_blca_xena_rna_clean_first24.csv"
+
+
+def _generator_checkpoint(folder: Path, window_px: int = 64) -> Path:
+    from helpers import randomize
+
+    from mupad_core.models.checkpoint import save_model
+    from mupad_core.models.sit import MupadSiT
+
+    model = MupadSiT(in_channels=12, hidden_size=48, depth=1, num_heads=2,
+                     condition_dims={"text": 384, "rna": 1, "image": 32}, condition_tokens={"rna": 331})
+    randomize(model, seed=3, std=0.05)
+    return save_model(model, folder, pipeline={
+        "vae": "pixel-unshuffle:2", "tasks": ["generate"], "window_px": window_px,
+        "encoders": {"image": {"name": "builtin", "token_dim": 32, "width": 16, "depth": 1}},
+    })
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _generator_checkpoint(tmp_path_factory.mktemp("gen") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def generator(checkpoint):
+    from mupad_core.generate.roi import load_generator
+
+    return load_generator(str(checkpoint))
+
+
+# -- core: mupad_core.generate.roi ---------------------------------------------------------
+
+
+def test_fused_windows_pass_through_a_region_that_fits_one_window(generator):
+    from mupad_core.generate.roi import FusedWindows
+
+    model = generator.model
+    x = torch.randn(2, 12, 16, 24)
+    t = torch.rand(2)
+    cond = generator.conditions(text="tumour")
+    cond = cond.repeat(2)
+    direct = model(x, t, cond).velocity
+    fused = FusedWindows(model, window=32, overlap=8)(x, t, cond).velocity
+    assert torch.equal(direct, fused)
+
+
+def test_fused_windows_weight_each_window_by_its_ramp(generator):
+    """A model whose velocity is a per-window constant: the fused field is their ramp-weighted mean."""
+    from mupad_core.generate.fusion import ramp_weights, window_grid
+    from mupad_core.generate.roi import FusedWindows
+    from mupad_core.models.sit import SiTOutput
+
+    calls = []
+
+    def fake(x, t, conditions=None, cls=None, concat=None):
+        calls.append(x.shape[0])
+        ids = torch.arange(len(calls) * 100, len(calls) * 100 + x.shape[0], dtype=x.dtype)
+        return SiTOutput(velocity=ids[:, None, None, None].expand_as(x).clone())
+
+    x = torch.zeros(1, 2, 40, 56)
+    v = FusedWindows(fake, window=16, overlap=4, batch_size=3)(x, torch.zeros(1)).velocity
+    windows = window_grid(40, 56, 16, 4)
+    weight = ramp_weights(16, 16, 4)
+    values = [100 * (k // 3 + 1) + k % 3 for k in range(len(windows))]
+    num, den = torch.zeros(40, 56), torch.zeros(40, 56)
+    for w, val in zip(windows, values):
+        num[w.y : w.y + w.h, w.x : w.x + w.w] += val * weight
+        den[w.y : w.y + w.h, w.x : w.x + w.w] += weight
+    assert torch.allclose(v[0, 0], num / den) and torch.allclose(v[0, 1], num / den)
+    assert calls == [3] * (len(windows) // 3) + ([len(windows) % 3] if len(windows) % 3 else [])
+
+
+def test_generate_region_size_seed_and_conditions(generator, shared_data):
+    from mupad_core.rna.pathways import pathway_scores
+
+    text = generator.conditions(text="invasive carcinoma with lymphocytes")
+    # 150 x 200 px with 64-px windows: 12 fused windows (latent 76 x 100, window 32).
+    a = generator.generate(150, 200, text, steps=3, seed=1)
+    assert a.shape == (3, 150, 200) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, generator.generate(150, 200, text, steps=3, seed=1))  # seeded
+    assert not torch.equal(a, generator.generate(150, 200, text, steps=3, seed=2))
+    other = generator.conditions(text="normal urothelium")
+    assert not torch.equal(a, generator.generate(150, 200, other, steps=3, seed=1))  # the prompt matters
+    scores = pathway_scores(shared_data / EXPRESSION, sample="TCGA-MV-A51V").scores
+    rna = generator.conditions(rna=scores)
+    assert rna.tokens["rna"].shape == (1, 331, 1)
+    assert not torch.equal(a, generator.generate(150, 200, rna, steps=3, seed=1))
+    image = generator.conditions(image=np.random.default_rng(0).integers(0, 255, (90, 130, 3), dtype=np.uint8))
+    assert image.tokens["image"].shape == (1, 196, 32)  # resized to 224 px, 14 x 14 tokens
+    # No condition given: the same as every stream switched off (presence 0).
+    plain = generator.generate(64, 64, None, steps=2, seed=0)
+    off = generator.conditions(text="x").without("text")
+    assert torch.equal(plain, generator.generate(64, 64, off, steps=2, seed=0))
+
+
+def test_generator_refuses_models_it_cannot_drive(tmp_path):
+    from mupad_core.generate.roi import load_generator
+    from mupad_core.models.checkpoint import save_model
+    from mupad_core.models.sit import MupadSiT
+
+    stain = save_model(MupadSiT(in_channels=12, concat_channels=12, hidden_size=48, depth=1, num_heads=2),
+                       tmp_path / "stain", pipeline={"vae": "pixel-unshuffle:2"})
+    with pytest.raises(ValueError, match="spatial template"):
+        load_generator(str(stain))
+    wrong = save_model(MupadSiT(in_channels=12, hidden_size=48, depth=1, num_heads=2, condition_dims={"text": 24}),
+                       tmp_path / "wrong", pipeline={"vae": "pixel-unshuffle:2"})
+    with pytest.raises(ValueError, match="384-d tokens"):
+        load_generator(str(wrong))
+
+
+# -- the widget -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slide_viewer(make_napari_viewer):
+    from napari_mupad._sample_data import cmu1_small_region
+
+    viewer = make_napari_viewer(show=True)
+    for data, meta, _kind in cmu1_small_region():
+        viewer.add_image(data, **meta)
+    return viewer
+
+
+def _widget(viewer, qtbot):
+    from napari_mupad.widgets.roi_generate import RoiGenerateWidget
+
+    widget = RoiGenerateWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="MUPAD generate")
+    viewer.window._qt_window.resize(1280, 820)
+    sizes = []
+    qtbot.waitUntil(lambda: sizes.append(tuple(viewer.canvas.size)) or (len(sizes) > 2 and sizes[-1] == sizes[-3]),
+                    timeout=5000)
+    return widget
+
+
+def _run(widget, qtbot, timeout=120_000):
+    widget.run()
+    assert widget.running, widget.status_label.text()
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def _notifications():
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+
+    def record(event):
+        seen.append(str(getattr(getattr(event, "notification", event), "message", event)))
+
+    notification_manager.notification_ready.connect(record)
+    return seen, lambda: notification_manager.notification_ready.disconnect(record)
+
+
+def test_text_prompt_fills_each_drawn_rectangle_exactly(slide_viewer, checkpoint, qtbot):
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    mpp = float(source.scale[-1])
+    # Two rectangles, corners anywhere (not on the pixel grid).
+    rects = [np.array([[401.3, 180.7], [497.9, 301.1]]), np.array([[700.2, 520.5], [771.0, 580.0]])]
+    shapes = viewer.add_shapes(rects, shape_type="rectangle", name="rois", face_color="transparent",
+                               edge_color="yellow", units=source.units)
+    widget = _widget(viewer, qtbot)
+    assert widget.pixel_spin.value() == pytest.approx(mpp)  # the slide's pixel size by default
+    widget.shapes_combo.setCurrentText("rois")
+    widget.condition_combo.setCurrentText("Text prompt")
+    widget.prompt_edit.setText("tumour nests with dense lymphocytes")
+    widget.model_combo.setCurrentText(str(checkpoint))
+    widget.steps_spin.setValue(3)
+    widget.seed_spin.setValue(5)
+    _run(widget, qtbot)
+
+    assert [job.status for job in widget.jobs] == ["done", "done"], widget.status_label.text()
+    for job, rect in zip(widget.jobs, rects):
+        layer = job.layer
+        assert layer in viewer.layers and layer.rgb
+        data = np.asarray(layer.data)
+        assert data.dtype == np.uint8 and data.shape == (*job.shape, 3) and data.std() > 5
+        # Pixel edges = the rectangle: world extent (pixel centres) grown by half a pixel.
+        edges = layer.extent.world + np.array([-0.5, 0.5])[:, None] * np.asarray(layer.scale)
+        np.testing.assert_allclose(edges, shapes.extent.world if len(rects) == 1 else _box(rect), atol=1e-4)
+        assert np.allclose(layer.scale, mpp, rtol=0.02)  # about the slide's pixel size
+        provenance = layer.metadata["mupad"]
+        assert provenance["condition"] == {"kind": "text", "text": "tumour nests with dense lymphocytes"}
+        assert provenance["model_id"] == str(checkpoint) and provenance["not_for_diagnosis"] is True
+    assert widget.jobs[0].layer.metadata["mupad"]["seed"] == 5
+
+    assert viewer.layers.index(shapes) == len(viewer.layers) - 1  # the rectangles stay on top
+    from napari_mupad.widgets._geometry import camera
+
+    camera(viewer).center = (0, 560, 380)
+    camera(viewer).zoom = min(viewer.canvas.size) / 650
+    shot = np.asarray(viewer.screenshot(canvas_only=True, flash=False))
+    from PIL import Image as PILImage
+
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(shot[..., :3]).save(IMAGES / "plugin-roi-generation.png")
+
+
+def _box(rect):
+    return np.array([rect.min(0), rect.max(0)])
+
+
+def test_rna_profile_and_reference_image_conditions(slide_viewer, checkpoint, shared_data, qtbot):
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    rect = np.array([[300.0, 300.0], [380.0, 420.0]])
+    viewer.add_shapes([rect], shape_type="rectangle", name="rois", units=source.units)
+    widget = _widget(viewer, qtbot)
+    widget.model_combo.setCurrentText(str(checkpoint))
+    widget.steps_spin.setValue(2)
+
+    widget.condition_combo.setCurrentText("RNA profile")
+    widget.rna_table_edit.setText(str(shared_data / EXPRESSION))
+    widget.rna_sample_edit.setText("TCGA-FD-A3SR")
+    _run(widget, qtbot)
+    (job,) = widget.jobs
+    assert job.status == "done", widget.status_label.text()
+    condition = job.layer.metadata["mupad"]["condition"]
+    assert condition["kind"] == "rna" and condition["sample"] == "TCGA-FD-A3SR" and condition["genes_matched"] > 1000
+    rna_pixels = np.asarray(job.layer.data)
+
+    widget.condition_combo.setCurrentText("Reference image")
+    widget.reference_combo.setCurrentText(source.name)
+    reference = widget._reference_region(source, (tuple(rect[0]), tuple(rect[1])))
+    y0, x0 = int(np.floor(300 / source.scale[-2] + 0.5)), int(np.floor(300 / source.scale[-1] + 0.5))
+    assert reference.shape[:2] == (int(np.ceil(380 / source.scale[-2] + 0.5)) - y0,
+                                   int(np.ceil(420 / source.scale[-1] + 0.5)) - x0)
+    assert np.array_equal(np.asarray(reference), np.asarray(source.data[0][y0 : y0 + reference.shape[0],
+                                                                           x0 : x0 + reference.shape[1]]))
+    _run(widget, qtbot)
+    (job,) = widget.jobs
+    assert job.status == "done", widget.status_label.text()
+    assert job.layer.metadata["mupad"]["condition"] == {"kind": "image"}
+    assert not np.array_equal(np.asarray(job.layer.data), rna_pixels)
+
+
+def test_bad_inputs_are_notifications(slide_viewer, checkpoint, tmp_path, qtbot):
+    viewer = slide_viewer
+    viewer.add_shapes([np.array([[100.0, 100.0], [150.0, 160.0]])], shape_type="rectangle", name="rois",
+                      units=viewer.layers[0].units)
+    widget = _widget(viewer, qtbot)
+    layers_before = len(viewer.layers)
+    seen, stop = _notifications()
+    try:
+        widget.prompt_edit.setText("anything")
+        widget.model_combo.setCurrentText(str(tmp_path / "missing-model"))
+        _run(widget, qtbot)
+        widget.model_combo.setCurrentText(str(checkpoint))
+        widget.condition_combo.setCurrentText("RNA profile")
+        widget.rna_table_edit.setText(str(tmp_path / "nope.csv"))
+        widget.run()  # refused before any thread starts
+        assert not widget.running
+    finally:
+        stop()
+    assert any("MUPAD generate failed" in m and "does not exist" in m for m in seen), seen
+    assert any("nope.csv" in m and "not found" in m for m in seen), seen
+    assert len(viewer.layers) == layers_before
+    assert widget.run_button.isEnabled()
+
+
+def test_cancel_stops_generation_and_adds_nothing(slide_viewer, checkpoint, qtbot):
+    viewer = slide_viewer
+    viewer.add_shapes([np.array([[100.0, 100.0], [400.0, 400.0]])], shape_type="rectangle", name="rois",
+                      units=viewer.layers[0].units)
+    widget = _widget(viewer, qtbot)
+    widget.prompt_edit.setText("tissue")
+    widget.model_combo.setCurrentText(str(checkpoint))
+    widget.steps_spin.setValue(500)
+    steps = []
+    widget._relay.step.connect(lambda i, done, total: steps.append(done))
+    layers_before = len(viewer.layers)
+    widget.run()
+    qtbot.waitUntil(lambda: len(steps) >= 2, timeout=60_000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
+    assert steps[-1] < 500 and widget.jobs[0].status == "cancelled"
+    assert len(viewer.layers) == layers_before
+    assert widget.run_button.isEnabled()

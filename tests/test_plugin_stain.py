@@ -1,0 +1,524 @@
+"""The virtual-stain widget in a real (Xvfb-drawn) napari viewer, with real worker threads.
+
+Source: the bundled CMU-1-Small-Region.svs opened through the plugin's own reader. Models:
+`identity`, and tiny SiT checkpoints saved to disk the way `mupad stain` loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from mupad_core.store.omezarr import PROGRESS_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = REPO / "docs" / "images"
+ROI = (400, 900, 512, 384)  # level-0 x, y, w, h on CMU-1-Small-Region (tissue)
+
+
+# -- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slide_viewer(make_napari_viewer):
+    """A shown viewer with the bundled slide as the reader helper makes it (multiscale RGB, scale = mpp)."""
+    from napari_mupad._sample_data import cmu1_small_region
+
+    viewer = make_napari_viewer(show=True)
+    for data, meta, _kind in cmu1_small_region():
+        viewer.add_image(data, **meta)
+    return viewer
+
+
+def _notifications():
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+
+    def record(event):
+        seen.append(event.notification if hasattr(event, "notification") else event)
+
+    notification_manager.notification_ready.connect(record)
+    return seen, lambda: notification_manager.notification_ready.disconnect(record)
+
+
+def _messages(seen) -> list[str]:
+    return [str(getattr(n, "message", n)) for n in seen]
+
+
+def _checkpoint(folder: Path, *, tasks=("he2he",), seed: int = 0, std: float = 0.05) -> Path:
+    """A tiny spatial-template SiT (pixel-unshuffle:2 latents) saved as `mupad stain` loads it."""
+    from helpers import randomize
+
+    from mupad_core.models.checkpoint import save_model
+    from mupad_core.models.sit import MupadSiT
+
+    model = MupadSiT(in_channels=12, concat_channels=12, hidden_size=48, depth=1, num_heads=2)
+    randomize(model, seed=seed, std=std)  # every path live: the output is visibly not the source
+    return save_model(model, folder, pipeline={"vae": "pixel-unshuffle:2", "tasks": list(tasks)})
+
+
+def _widget(viewer, tmp_path, qtbot, **engine):
+    from napari_mupad.widgets.stain import StainWidget
+
+    widget = StainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="MUPAD stain")
+    viewer.window._qt_window.resize(1280, 820)  # room for the canvas beside the dock
+    widget.output_edit.setText(str(tmp_path / "out"))
+    widget.engine_options.update(engine)
+    _settle(viewer, qtbot)
+    return widget
+
+
+def _settle(viewer, qtbot):
+    """Let the window lay out the new dock widget: the canvas size must be final before screenshots."""
+    sizes = []
+
+    def stable():
+        sizes.append(tuple(viewer.canvas.size))
+        return len(sizes) >= 3 and sizes[-1] == sizes[-2] == sizes[-3]
+
+    qtbot.waitUntil(stable, timeout=5000)
+
+
+def _draw_roi(viewer, source, roi, name="rois"):
+    """A Shapes layer with one rectangle whose corners are the ROI's first/last pixel centres + 1."""
+    x, y, w, h = roi
+    mpp_y, mpp_x = source.scale[-2:]
+    rect = np.array([[y * mpp_y, x * mpp_x], [(y + h) * mpp_y, (x + w) * mpp_x]])
+    return viewer.add_shapes([rect], shape_type="rectangle", name=name, edge_color="yellow", face_color="transparent",
+                             units=source.units)
+
+
+def _run(widget, qtbot, timeout=120_000):
+    widget.run()
+    assert widget.running, widget.status_label.text()
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def _cam(viewer):
+    from napari_mupad.widgets._geometry import camera
+
+    return camera(viewer)
+
+
+def _shot(viewer) -> np.ndarray:
+    return np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(int)
+
+
+def _canvas_box(viewer, top_left_world, bottom_right_world, shot_shape):
+    """(row0, col0, row1, col1) canvas pixels of a world box in a screenshot of shape shot_shape."""
+    center = np.asarray(_cam(viewer).center)[-2:]
+    zoom = _cam(viewer).zoom
+    size = np.asarray(viewer.canvas.size, dtype=float)
+    ratio = np.asarray(shot_shape[:2]) / size  # device pixel ratio
+    tl = ((np.asarray(top_left_world) - center) * zoom + size / 2) * ratio
+    br = ((np.asarray(bottom_right_world) - center) * zoom + size / 2) * ratio
+    return int(round(tl[0])), int(round(tl[1])), int(round(br[0])), int(round(br[1]))
+
+
+# -- tests ------------------------------------------------------------------------------
+
+
+def test_identity_on_drawn_rois_is_exact_and_aligned(slide_viewer, tmp_path, qtbot):
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    mpp = source.scale[-1]
+    second = (1500, 2000, 300, 260)
+    shapes = _draw_roi(viewer, source, ROI)
+    x, y, w, h = second
+    shapes.add_rectangles(np.array([[y * mpp, x * mpp], [(y + h) * mpp, (x + w) * mpp]]))
+    widget = _widget(viewer, tmp_path, qtbot, block_px=256, chunk_px=128)
+    widget.source_combo.setCurrentText(source.name)
+    widget.region_combo.setCurrentText("Drawn rectangles")
+    widget.shapes_combo.setCurrentText("rois")
+    widget.model_combo.setCurrentText("identity")
+    assert widget.rois() == [ROI, second]
+    _run(widget, qtbot)
+
+    assert [job.status for job in widget.jobs] == ["done", "done"], widget.status_label.text()
+    assert len({job.out for job in widget.jobs}) == 2  # each ROI its own store
+    for job, roi in zip(widget.jobs, (ROI, second)):
+        assert job.out.is_dir() and not job.out.with_name(job.out.name + ".partial").exists()
+        (overlay,) = job.layers
+        assert overlay in viewer.layers and overlay.multiscale and overlay.rgb
+        x, y, w, h = roi
+        expected = np.array([[y * mpp, x * mpp], [(y + h - 1) * mpp, (x + w - 1) * mpp]])
+        np.testing.assert_allclose(overlay.extent.world, expected, rtol=0, atol=1e-9)
+        pixels = np.asarray(overlay.data[0])
+        truth = np.asarray(source.data[0][y : y + h, x : x + w])
+        assert np.array_equal(pixels, truth)
+        assert overlay.metadata["path"] == str(job.out) and overlay.metadata["mupad"]["not_for_diagnosis"] is True
+        assert overlay.metadata["roi_level0"] == list(roi)
+        assert viewer.layers.index(overlay) < viewer.layers.index(shapes)  # rectangles stay visible
+    assert not [lay for lay in viewer.layers if "(running)" in lay.name]
+
+FAST = dict(window_px=64, overlap_px=16, margin_px=64, block_px=128, chunk_px=128, skip_background=False)
+
+
+def test_tiny_sit_overlay_streams_in_and_changes_the_screen_only_where_it_lies(slide_viewer, tmp_path, qtbot):
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    mpp = source.scale[-1]
+    x, y, w, h = ROI
+    _draw_roi(viewer, source, ROI)
+    viewer.layers["rois"].visible = False  # the outline is not part of the overlay
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    widget = _widget(viewer, tmp_path, qtbot, **FAST)
+    # Zoom so the ROI fills about half the canvas, the slide's level 0 drawn around it.
+    _cam(viewer).center = (0, (y + h / 2) * mpp, (x + w / 2) * mpp)
+    _cam(viewer).zoom = 0.5 * min(np.asarray(viewer.canvas.size) / (np.array([h, w]) * mpp))
+    widget.region_combo.setCurrentText("Drawn rectangles")
+    widget.shapes_combo.setCurrentText("rois")
+    widget.model_combo.setCurrentText(str(ckpt))
+    widget.steps_spin.setValue(2)
+
+    states = []  # (preview layer names, fraction of the ROI shown) after each block
+
+    def watch(index, done, total):
+        running = [lay for lay in viewer.layers if lay.name.endswith("(running)")]
+        if running:
+            data = running[0].data[0] if running[0].multiscale else running[0].data
+            states.append((done, total, float(np.asarray(data[:, :, 3]).mean() / 255)))
+
+    widget._relay.block.connect(watch)
+    _run(widget, qtbot)
+    job = widget.jobs[0]
+    assert job.status == "done", widget.status_label.text()
+
+    # It filled in block by block in a '(running)' layer, never complete before the end.
+    assert len(states) >= 6, states
+    fractions = [f for _, _, f in states]
+    assert fractions == sorted(fractions) and 0 < fractions[0] < 0.5, fractions
+    # Never ahead of the blocks reported (a chunk shows only once it is on disk), and partly
+    # filled well before the end.
+    assert all(frac <= done / total + 1e-9 for done, total, frac in states), states
+    assert any(0.4 <= frac < 1 for _, _, frac in states), states
+    assert not [lay for lay in viewer.layers if lay.name.endswith("(running)")]
+
+    (overlay,) = job.layers
+    expected = np.array([[y * mpp, x * mpp], [(y + h - 1) * mpp, (x + w - 1) * mpp]])
+    np.testing.assert_allclose(overlay.extent.world, expected, atol=1e-9)
+    generated = np.asarray(overlay.data[0])
+    truth = np.asarray(source.data[0][y : y + h, x : x + w])
+    assert generated.shape == truth.shape
+    assert np.abs(generated.astype(int) - truth).mean() > 10  # a real model, not a copy
+    provenance = overlay.metadata["mupad"]
+    assert provenance["model_id"] == str(ckpt) and len(provenance["weights_hash"]) == 64
+    assert provenance["source"]["roi_level0"] == list(ROI) and provenance["steps"] == 2
+
+    after = _shot(viewer)
+    overlay.visible = False
+    hidden = _shot(viewer)
+    overlay.visible = True
+    assert after.shape == hidden.shape
+    changed = np.abs(after - hidden).sum(-1) > 0
+    r0, c0, r1, c1 = _canvas_box(viewer, ((y - 0.5) * mpp, (x - 0.5) * mpp),
+                                 ((y + h - 0.5) * mpp, (x + w - 0.5) * mpp), after.shape)
+    assert 0 < r0 < r1 < after.shape[0] and 0 < c0 < c1 < after.shape[1]
+    outside = np.ones_like(changed)
+    outside[max(r0 - 2, 0) : r1 + 2, max(c0 - 2, 0) : c1 + 2] = False
+    assert not changed[outside].any(), "the overlay changed the screen outside its ROI"
+    assert changed[r0 + 2 : r1 - 2, c0 + 2 : c1 - 2].mean() > 0.9, "the overlay is not drawn over its ROI"
+
+    from PIL import Image as PILImage
+
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    gap = np.full((after.shape[0], 8, 3), 255)
+    PILImage.fromarray(np.concatenate([hidden, gap, after], axis=1).astype(np.uint8)).save(
+        IMAGES / "plugin-stain-overlay.png")
+
+
+def test_current_view_and_whole_slide_identity_overlays_match_the_slide_on_screen(slide_viewer, tmp_path, qtbot):
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    mpp = source.scale[-1]
+    widget = _widget(viewer, tmp_path, qtbot)
+    _cam(viewer).center = (0, 1100 * mpp, 700 * mpp)
+    _cam(viewer).zoom = 1.25 / mpp  # 1.25 screen px per level-0 px: level 0 drawn
+    widget.region_combo.setCurrentText("Current view")
+    (roi,) = widget.rois()
+    top_left, bottom_right = (np.asarray(c) / mpp for c in _visible(viewer))
+    assert roi[0] == int(np.ceil(top_left[1] - 1e-3)) and roi[1] == int(np.ceil(top_left[0] - 1e-3))
+    assert roi[0] + roi[2] == int(np.ceil(bottom_right[1] - 1e-3))
+    assert roi[1] + roi[3] == int(np.ceil(bottom_right[0] - 1e-3))
+    _run(widget, qtbot)
+    (overlay,) = widget.jobs[0].layers
+    x, y, w, h = roi
+    np.testing.assert_allclose(overlay.extent.world,
+                               [[y * mpp, x * mpp], [(y + h - 1) * mpp, (x + w - 1) * mpp]], atol=1e-9)
+    assert np.array_equal(np.asarray(overlay.data[0]), np.asarray(source.data[0][y : y + h, x : x + w]))
+    # Identity output drawn exactly on top of its source: the screen does not change at all.
+    with_overlay = _shot(viewer)
+    overlay.visible = False
+    slide_only = _shot(viewer)
+    overlay.visible = True
+    assert (np.abs(with_overlay - slide_only).sum(-1) > 0).mean() < 0.002
+
+    widget.region_combo.setCurrentText("Whole slide")
+    _run(widget, qtbot)
+    (whole,) = widget.jobs[0].layers
+    np.testing.assert_allclose(whole.extent.world, source.extent.world, atol=1e-9)
+    assert len(whole.data) >= 2  # the finished store's pyramid
+
+
+def _visible(viewer):
+    from napari_mupad.widgets._geometry import visible_world_box
+
+    return visible_world_box(viewer)
+
+
+def test_cancel_mid_run_keeps_napari_responsive_and_leaves_nothing_complete(slide_viewer, tmp_path, qtbot):
+    from qtpy.QtCore import QTimer
+
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    _draw_roi(viewer, source, ROI)
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    widget = _widget(viewer, tmp_path, qtbot, **FAST)
+    widget.region_combo.setCurrentText("Drawn rectangles")
+    widget.model_combo.setCurrentText(str(ckpt))
+    widget.steps_spin.setValue(40)  # ~3 s a block on 2 cores: 12 blocks would take long
+
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    blocks = []
+    widget._relay.block.connect(lambda i, done, total: blocks.append((done, total)))
+    layers_before = len(viewer.layers)
+    widget.run()
+    assert widget.running
+    qtbot.waitUntil(lambda: len(blocks) >= 1, timeout=120_000)
+    assert any(lay.name.endswith("(running)") for lay in viewer.layers)
+    started_cancel = time.perf_counter()
+    qtbot.mouseClick(widget.cancel_button, _left())
+    assert "cancelling" in widget.status_label.text()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    timer.stop()
+    stopped_after = time.perf_counter() - started_cancel
+
+    assert blocks[-1][0] < blocks[-1][1], "the run was not cut short"
+    assert stopped_after < 30
+    job = widget.jobs[0]
+    assert job.status == "cancelled"
+    assert not job.out.exists(), "a cancelled run left a complete-looking store"
+    partial = job.out.with_name(job.out.name + ".partial")
+    record = json.loads((partial / PROGRESS_FILE).read_text())  # resumable: progress record kept
+    assert record["params"]["provenance"]["steps"] == 40
+    assert len(viewer.layers) == layers_before, [lay.name for lay in viewer.layers]
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    # The event loop kept running the whole time (the timer ticked; no long freeze).
+    gaps = np.diff([t for t in ticks if t < started_cancel + stopped_after])
+    assert len(ticks) > 20 and gaps.max() < 2.0, (len(ticks), gaps.max())
+
+    # A second run starts and finishes normally.
+    widget.model_combo.setCurrentText("identity")
+    _run(widget, qtbot)
+    assert widget.jobs[0].status == "done" and widget.jobs[0].out.exists()
+    assert widget.jobs[0].out != job.out
+
+
+def _left():
+    from qtpy.QtCore import Qt
+
+    return Qt.MouseButton.LeftButton
+
+
+def _corrupt_checkpoint(tmp_path):
+    folder = _checkpoint(tmp_path / "corrupt")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return folder
+
+
+@pytest.mark.parametrize(
+    "model,expect",
+    [
+        (lambda tmp: str(tmp / "no-such-model"), "does not exist"),
+        (_corrupt_checkpoint, "damaged or truncated"),
+        (lambda tmp: _checkpoint(tmp / "ihc", tasks=("he2ihc:ki67",)), "not 'he2he'"),
+    ],
+    ids=["missing-folder", "truncated-weights", "wrong-task"],
+)
+def test_bad_model_is_a_notification_not_a_crash(slide_viewer, tmp_path, qtbot, model, expect):
+    viewer = slide_viewer
+    widget = _widget(viewer, tmp_path, qtbot)
+    widget.region_combo.setCurrentText("Whole slide")
+    widget.model_combo.setCurrentText(str(model(tmp_path)))
+    seen, stop = _notifications()
+    layers_before = len(viewer.layers)
+    try:
+        _run(widget, qtbot)
+    finally:
+        stop()
+    messages = _messages(seen)
+    assert any(expect in m and "MUPAD stain failed" in m for m in messages), messages
+    assert len(viewer.layers) == layers_before
+    assert widget.run_button.isEnabled() and widget.status_label.text().startswith("error")
+    assert not list((tmp_path / "out").glob("*.ome.zarr"))
+
+
+def test_out_of_memory_mid_run_is_a_notification_and_leaves_no_layer(slide_viewer, tmp_path, qtbot, monkeypatch):
+    import torch
+
+    import mupad_core.generate.engine as engine
+
+    real = engine.generate_block
+    calls = []
+
+    def oom_on_third_block(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate_block", oom_on_third_block)
+    viewer = slide_viewer
+    _draw_roi(viewer, viewer.layers[0], ROI)
+    widget = _widget(viewer, tmp_path, qtbot, **FAST)
+    widget.region_combo.setCurrentText("Drawn rectangles")
+    widget.model_combo.setCurrentText(str(_checkpoint(tmp_path / "ckpt")))
+    widget.steps_spin.setValue(1)
+    layers_before = len(viewer.layers)
+    seen, stop = _notifications()
+    try:
+        _run(widget, qtbot)
+    finally:
+        stop()
+    assert any("out of memory" in m for m in _messages(seen)), _messages(seen)
+    assert widget.jobs[0].status == "failed" and not widget.jobs[0].out.exists()
+    assert len(viewer.layers) == layers_before  # the partial preview is gone too
+    assert widget.run_button.isEnabled()
+
+
+def test_unreadable_slide_and_empty_region_are_notifications(make_napari_viewer, tmp_path, qtbot):
+    viewer = make_napari_viewer()
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"not a slide at all")
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="broken",
+                     metadata={"path": str(broken), "mpp": (0.5, 0.5)}, scale=(0.5, 0.5))
+    widget = _widget(viewer, tmp_path, qtbot)
+    widget.region_combo.setCurrentText("Whole slide")
+    seen, stop = _notifications()
+    try:
+        _run(widget, qtbot)
+        widget.region_combo.setCurrentText("Drawn rectangles")  # no Shapes layer: refused before any thread
+        widget.run()
+        assert not widget.running
+    finally:
+        stop()
+    messages = _messages(seen)
+    assert any("broken.svs" in m for m in messages), messages
+    assert any("Shapes" in m for m in messages), messages
+    assert len(viewer.layers) == 1
+
+
+def test_widgets_open_from_the_plugin_menu_without_importing_torch(make_napari_viewer):
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_mupad.widgets.stain, napari_mupad.widgets.roi_generate\n"
+            "sys.exit(1 if 'torch' in sys.modules else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, "opening the widgets imported torch: " + proc.stderr[-2000:]
+
+    from napari_mupad.widgets.roi_generate import RoiGenerateWidget
+    from napari_mupad.widgets.stain import StainWidget
+
+    viewer = make_napari_viewer()
+    _, stain = viewer.window.add_plugin_dock_widget("napari-mupad", "Virtual stain")
+    _, generate = viewer.window.add_plugin_dock_widget("napari-mupad", "Generate tissue in ROIs")
+    assert isinstance(stain, StainWidget) and isinstance(generate, RoiGenerateWidget)
+    viewer.add_image(np.zeros((8, 8, 3), np.uint8), rgb=True, name="slide", metadata={"path": "x.svs", "mpp": (1, 1)})
+    viewer.add_shapes(name="rois")
+    assert stain.source_combo.currentText() == "slide"  # the widgets follow this viewer's layers
+    assert generate.shapes_combo.currentText() == "rois" and generate.reference_combo.currentText() == "slide"
+
+
+def test_partial_store_preview_shows_finished_chunks_only(tmp_path, monkeypatch):
+    """The preview of a store being written: finished chunks opaque, the rest transparent;
+    thumbnails for big outputs filled as chunks finish."""
+    import napari_mupad.widgets._preview as preview
+    from mupad_core.store import PyramidWriter
+
+    monkeypatch.setattr(preview, "SINGLE_SCALE_MAX_PX", 256)  # a small image gets thumbnail levels too
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3, 600, 700), dtype=np.uint8)
+    writer = PyramidWriter(tmp_path / "p.ome.zarr", (600, 700), 3, mpp=(0.5, 0.5), chunk=128)
+    writer.write_tile(0, 128, image[:, :128, 128:256])
+    writer.write_tile(512, 640, image[:, 512:, 640:])
+    store = preview.PartialStore(tmp_path / "p.ome.zarr.partial")
+    assert store.factors == [1, 8] and int(store.done.sum()) == 2
+    levels = preview.preview_levels(store)
+    assert levels[0].shape == (600, 700, 4) and levels[1].shape == (75, 88, 4)
+    full = np.asarray(levels[0])
+    assert np.array_equal(full[:128, 128:256, :3], image[:, :128, 128:256].transpose(1, 2, 0))
+    assert (full[:128, 128:256, 3] == 255).all() and (full[512:, 640:, 3] == 255).all()
+    assert full[..., 3].astype(bool).sum() == 128 * 128 + 88 * 60
+    assert not full[128:512, :, :].any()  # unfinished: transparent and empty
+    # Stepped and partial requests as napari makes them.
+    part = levels[0][100:300:3, 150:160]
+    assert np.array_equal(part, full[100:300:3, 150:160])
+    assert np.array_equal(levels[0][5, 130:140, :3], full[5, 130:140, :3])
+    thumb = np.asarray(levels[1])
+    assert np.array_equal(thumb[:16, 16:32, :3], image[:, :128:8, 128:256:8].transpose(1, 2, 0))
+    assert (thumb[:16, 16:32, 3] == 255).all() and thumb[20:60, :, 3].max() == 0
+    writer.write_tile(256, 0, image[:, 256:384, :128])
+    assert store.update() == 3
+    assert np.array_equal(np.asarray(levels[0])[256:384, :128, :3], image[:, 256:384, :128].transpose(1, 2, 0))
+    assert np.array_equal(np.asarray(levels[1])[32:48, :16, :3], image[:, 256:384:8, :128:8].transpose(1, 2, 0))
+
+
+def test_cancelled_result_resumes_into_the_same_store(slide_viewer, tmp_path, qtbot, monkeypatch):
+    """Cancel after block 2 (set from the worker thread itself: deterministic), then resume:
+    the finished store is the cancelled one's path, and equals an uninterrupted run."""
+    from qtpy.QtCore import Qt
+
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    _draw_roi(viewer, source, ROI)
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    widget = _widget(viewer, tmp_path, qtbot, **FAST)
+    widget.region_combo.setCurrentText("Drawn rectangles")
+    widget.model_combo.setCurrentText(str(ckpt))
+    widget.steps_spin.setValue(2)
+    widget.seed_spin.setValue(3)
+
+    def cancel_after_two(index, done, total):  # runs in the worker thread, before its cancel check
+        if done == 2:
+            widget._cancel.set()
+
+    widget._relay.block.connect(cancel_after_two, Qt.ConnectionType.DirectConnection)
+    _run(widget, qtbot)
+    widget._relay.block.disconnect(cancel_after_two)
+    cancelled = widget.jobs[0]
+    assert cancelled.status == "cancelled" and not cancelled.out.exists()
+    record = json.loads((cancelled.out.with_name(cancelled.out.name + ".partial") / PROGRESS_FILE).read_text())
+    assert record["done"]
+
+    import mupad_core.generate.engine as engine
+
+    computed = []
+    real = engine.generate_block
+    monkeypatch.setattr(engine, "generate_block", lambda *a, **k: computed.append(1) or real(*a, **k))
+    widget.resume_check.setChecked(True)
+    _run(widget, qtbot)
+    resumed = widget.jobs[0]
+    assert resumed.status == "done" and resumed.out == cancelled.out and resumed.out.is_dir()
+    assert not resumed.out.with_name(resumed.out.name + ".partial").exists()
+    assert len(computed) == 12 - 2  # 12 blocks of 128 px; the 2 finished ones were not recomputed
+    monkeypatch.undo()
+
+    widget.resume_check.setChecked(False)
+    _run(widget, qtbot)
+    fresh = widget.jobs[0]
+    assert fresh.out != resumed.out
+    a = zarr.open_group(str(resumed.out), mode="r")["0"][:]
+    b = zarr.open_group(str(fresh.out), mode="r")["0"][:]
+    assert np.array_equal(a, b)  # resume gives the uninterrupted result bit for bit
