@@ -178,11 +178,11 @@ def test_text_prompt_fills_each_drawn_rectangle_exactly(slide_viewer, checkpoint
     shapes = viewer.add_shapes(rects, shape_type="rectangle", name="rois", face_color="transparent",
                                edge_color="yellow", units=source.units)
     widget = _widget(viewer, qtbot)
-    assert widget.pixel_spin.value() == pytest.approx(mpp)  # the slide's pixel size by default
+    widget.model_combo.setCurrentText(str(checkpoint))
+    assert widget.pixel_spin.value() == pytest.approx(mpp)  # no pixel size in the checkpoint: the slide's
     widget.shapes_combo.setCurrentText("rois")
     widget.condition_combo.setCurrentText("Text prompt")
     widget.prompt_edit.setText("tumour nests with dense lymphocytes")
-    widget.model_combo.setCurrentText(str(checkpoint))
     widget.steps_spin.setValue(3)
     widget.seed_spin.setValue(5)
     _run(widget, qtbot)
@@ -211,7 +211,7 @@ def test_text_prompt_fills_each_drawn_rectangle_exactly(slide_viewer, checkpoint
     from PIL import Image as PILImage
 
     IMAGES.mkdir(parents=True, exist_ok=True)
-    PILImage.fromarray(shot[..., :3]).save(IMAGES / "plugin-roi-generation.png")
+    PILImage.fromarray(shot[..., :3]).save(IMAGES / "plugin-roi-generation-random.png")
 
 
 def _box(rect):
@@ -294,3 +294,40 @@ def test_cancel_stops_generation_and_adds_nothing(slide_viewer, checkpoint, qtbo
     assert steps[-1] < 500 and widget.jobs[0].status == "cancelled"
     assert len(viewer.layers) == layers_before
     assert widget.run_button.isEnabled()
+
+
+def test_bundled_text2he_model_draws_tissue_in_the_rectangles(slide_viewer, qtbot):
+    """The bundled text->H&E demo model from the list, at its own pixel size (0.5 µm/px)."""
+    from PIL import Image as PILImage
+
+    from napari_mupad.widgets._geometry import camera
+
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    rects = [np.array([[380.0, 40.0], [508.0, 168.0]]), np.array([[380.0, 190.0], [508.0, 318.0]])]
+    shapes = viewer.add_shapes(rects, shape_type="rectangle", name="rois", face_color="transparent",
+                               edge_color="yellow", edge_width=2, units=source.units)
+    widget = _widget(viewer, qtbot)
+    models = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
+    assert "demo-text2he" in models and "demo-he2ihc" not in models
+    widget.model_combo.setCurrentText("demo-text2he")
+    assert widget.pixel_spin.value() == pytest.approx(0.5)
+    widget.shapes_combo.setCurrentText("rois")
+    widget.prompt_edit.setText("H&E dense tumour with high nuclear density")
+    widget.steps_spin.setValue(20)
+    _run(widget, qtbot, timeout=300_000)
+    assert [job.status for job in widget.jobs] == ["done", "done"], widget.status_label.text()
+    for job, rect in zip(widget.jobs, rects):
+        assert job.shape == (256, 256)  # 128 µm at 0.5 µm/px
+        edges = job.layer.extent.world + np.array([-0.5, 0.5])[:, None] * np.asarray(job.layer.scale)
+        np.testing.assert_allclose(edges, _box(rect), atol=1e-6)
+        assert job.layer.metadata["mupad"]["model_id"] == "demo-text2he"
+    a, b = (np.asarray(job.layer.data) for job in widget.jobs)
+    assert not np.array_equal(a, b)  # one seed per rectangle
+    camera(viewer).center = (0, 444, 179)
+    height, width = viewer.canvas.size
+    camera(viewer).zoom = 0.9 * min(width / 290, height / 150)
+    shot = np.asarray(viewer.screenshot(canvas_only=True, flash=False))
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(shot[..., :3]).save(IMAGES / "plugin-roi-generation.png")
+    assert viewer.layers.index(shapes) == len(viewer.layers) - 1

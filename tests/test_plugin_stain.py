@@ -351,6 +351,7 @@ def test_bad_model_is_a_notification_not_a_crash(slide_viewer, tmp_path, qtbot, 
     widget = _widget(viewer, tmp_path, qtbot)
     widget.region_combo.setCurrentText("Whole slide")
     widget.model_combo.setCurrentText(str(model(tmp_path)))
+    widget.task_combo.setCurrentText("he2he")  # after the model: choosing one selects its own task
     seen, stop = _notifications()
     layers_before = len(viewer.layers)
     try:
@@ -522,3 +523,73 @@ def test_cancelled_result_resumes_into_the_same_store(slide_viewer, tmp_path, qt
     a = zarr.open_group(str(resumed.out), mode="r")["0"][:]
     b = zarr.open_group(str(fresh.out), mode="r")["0"][:]
     assert np.array_equal(a, b)  # resume gives the uninterrupted result bit for bit
+
+
+@pytest.mark.slow  # ~25 s on 2 cores: the whole slide through a 3-block SiT, 8 steps
+def test_bundled_he2ihc_model_at_its_own_pixel_size(slide_viewer, tmp_path, qtbot):
+    """A bundled demo model from the list: its task and pixel size (4.6 µm/px) are taken up,
+    the coarser overlay still covers the ROI, and the screen shows it there."""
+    from PIL import Image as PILImage
+
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    mpp_x, mpp_y = source.metadata["mpp"]
+    widget = _widget(viewer, tmp_path, qtbot)
+    models = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
+    assert models[0] == "identity" and "demo-he2ihc" in models and "demo-he2mif" in models
+    assert "demo-text2he" not in models  # generation from text: the other widget's
+    widget.model_combo.setCurrentText("demo-he2ihc")
+    assert widget.task_combo.currentText() == "he2ihc" and widget.mpp_spin.value() == pytest.approx(4.6)
+    widget.region_combo.setCurrentText("Whole slide")
+    widget.steps_spin.setValue(8)
+    _run(widget, qtbot, timeout=300_000)
+    job = widget.jobs[0]
+    assert job.status == "done", widget.status_label.text()
+    (overlay,) = job.layers
+    width, height = 2220, 2967
+    data = np.asarray(overlay.data[0])
+    assert data.shape == (round(height * mpp_y / 4.6), round(width * mpp_x / 4.6), 3)
+    assert overlay.metadata["mupad"]["engine"]["target_mpp"] == pytest.approx(4.6)
+    assert overlay.metadata["mupad"]["engine"]["window_px"] == 64  # the model's own tile size
+    np.testing.assert_allclose(overlay.scale, (4.6, 4.6))
+    # Pixel edges: top-left exactly the slide's; bottom-right within one output pixel.
+    lo = overlay.extent.world[0] - np.asarray(overlay.scale) / 2
+    hi = overlay.extent.world[1] + np.asarray(overlay.scale) / 2
+    np.testing.assert_allclose(lo, [-0.5 * mpp_y, -0.5 * mpp_x], atol=1e-9)
+    assert np.all(np.abs(hi - [(height - 0.5) * mpp_y, (width - 0.5) * mpp_x]) < 4.6 / 2 + 1e-9)
+    widget_shot = _shot(viewer)
+    overlay.visible = False
+    slide_shot = _shot(viewer)
+    overlay.visible = True
+    assert (np.abs(widget_shot - slide_shot).sum(-1) > 30).mean() > 0.2  # the IHC overlay is on screen
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    gap = np.full((slide_shot.shape[0], 8, 3), 255)
+    PILImage.fromarray(np.concatenate([slide_shot, gap, widget_shot], axis=1).astype(np.uint8)).save(
+        IMAGES / "plugin-stain-demo-he2ihc.png")
+
+
+def test_bundled_he2mif_model_gives_named_marker_layers(slide_viewer, tmp_path, qtbot):
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    roi = (600, 1000, 160, 128)
+    _draw_roi(viewer, source, roi)
+    widget = _widget(viewer, tmp_path, qtbot)
+    widget.region_combo.setCurrentText("Drawn rectangles")
+    widget.model_combo.setCurrentText("demo-he2mif")
+    assert widget.task_combo.currentText() == "he2mif" and widget.mpp_spin.value() == pytest.approx(0.25)
+    widget.steps_spin.setValue(4)
+    _run(widget, qtbot, timeout=300_000)
+    job = widget.jobs[0]
+    assert job.status == "done", widget.status_label.text()
+    names = [lay.name.rsplit(" ", 1)[-1] for lay in job.layers]
+    assert names == ["DAPI", "Lap2beta", "Ki67"]
+    assert [lay.blending for lay in job.layers] == ["additive"] * 3
+    mpp = source.scale[-1]
+    for layer in job.layers:
+        np.testing.assert_allclose(layer.scale, (0.25, 0.25))
+        lo = layer.extent.world[0] - 0.125
+        hi = layer.extent.world[1] + 0.125
+        x, y, w, h = roi
+        np.testing.assert_allclose(lo, [(y - 0.5) * mpp, (x - 0.5) * mpp], atol=1e-9)
+        assert np.all(np.abs(hi - [(y + h - 0.5) * mpp, (x + w - 0.5) * mpp]) <= 0.125 + 1e-9)
+        assert layer.metadata["mupad"]["task"] == "he2mif"

@@ -15,14 +15,20 @@ import numpy as np
 EPS = 1e-3  # px: Shapes store float32 vertices, so a corner on a pixel centre comes back ~1e-5 px off
 
 
-def layer_mpp(layer) -> float:
-    """Level-0 pixel size of a slide layer in µm: metadata['mpp'] (number or (x, y)), else its scale."""
+def layer_mpp_xy(layer) -> tuple[float, float]:
+    """Level-0 (x, y) pixel size of a slide layer in µm: metadata['mpp'] (number or (x, y)), else its scale."""
     mpp = layer.metadata.get("mpp")
     if mpp is None:
-        return float(layer.scale[-1])
+        return float(layer.scale[-1]), float(layer.scale[-2])
     if np.isscalar(mpp):
-        return float(mpp)
-    return float(list(mpp)[0])
+        return float(mpp), float(mpp)
+    x, y = (float(v) for v in list(mpp)[:2])
+    return x, y
+
+
+def layer_mpp(layer) -> float:
+    """The finer of a slide layer's level-0 pixel sizes (the engine's default output pixel size)."""
+    return min(layer_mpp_xy(layer))
 
 
 def level0_shape(layer) -> tuple[int, int]:
@@ -78,19 +84,20 @@ def shape_world_boxes(shapes_layer, rectangles_only: bool = True) -> list[tuple[
     return boxes
 
 
-def overlay_placement(source_layer, roi: tuple[int, int, int, int], src_mpp: float,
+def overlay_placement(source_layer, roi: tuple[int, int, int, int], src_mpp_xy: tuple[float, float],
                       out_mpp: float) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(scale, translate) in world (y, x) of an output image of ROI `roi` at `out_mpp`.
+    """(scale, translate) in world (y, x) of an output image of ROI `roi` at `out_mpp` µm/px.
 
-    Output pixel (0, 0) averages source pixels [x0, x0 + s) with s = out_mpp / src_mpp: its
-    centre sits at source pixel x0 + (s - 1) / 2. The source layer's own world transform
-    (scale per µm, translate) is applied, so the overlay sits on the source wherever it is.
+    Along each axis an output pixel spans s = out_mpp / source mpp source pixels, so output
+    pixel 0 averages source pixels [x0, x0 + s) and its centre sits at source pixel
+    x0 + (s - 1) / 2 (the engine's resampling convention, PIL's). The source layer's own world
+    transform (scale, translate) is applied, so the overlay sits on the source wherever it is.
     """
     x0, y0 = roi[0], roi[1]
-    s = out_mpp / src_mpp
+    s = np.array([out_mpp / src_mpp_xy[1], out_mpp / src_mpp_xy[0]])  # (y, x)
     src_scale = np.asarray(source_layer.scale, dtype=float)[-2:]
     src_translate = np.asarray(source_layer.translate, dtype=float)[-2:]
-    origin = np.array([y0 + (s - 1) / 2, x0 + (s - 1) / 2])
+    origin = np.array([y0, x0]) + (s - 1) / 2
     translate = src_translate + origin * src_scale
     scale = src_scale * s
     return (float(scale[0]), float(scale[1])), (float(translate[0]), float(translate[1]))

@@ -8,7 +8,7 @@ thumbnails filled as chunks finish, so a zoomed-out view of a whole slide in pro
 not read the whole slide on every refresh. Call `update()` (GUI thread) after each block,
 then `layer.refresh()`.
 
-`open_result` gives the finished store's levels as dask arrays, channels last.
+A finished store is opened by the plugin's reader (`napari_mupad._reader.read_slide`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,18 @@ THUMBNAIL_FACTOR = 8  # coarse preview levels step by this factor
 SINGLE_SCALE_MAX_PX = 2048  # outputs up to this size preview as one level
 
 
-def _progress_bits(partial: Path, grid: tuple[int, int]) -> np.ndarray | None:
+def _progress_record(partial: Path) -> dict | None:
     from mupad_core.store.omezarr import PROGRESS_FILE
 
     try:
-        record = json.loads((partial / PROGRESS_FILE).read_text())
+        return json.loads((partial / PROGRESS_FILE).read_text())
     except (OSError, ValueError):  # renamed into place, or replaced this very moment
+        return None
+
+
+def _progress_bits(partial: Path, grid: tuple[int, int]) -> np.ndarray | None:
+    record = _progress_record(partial)
+    if record is None:
         return None
     packed = np.frombuffer(base64.b64decode(record["done"]), dtype=np.uint8)
     return np.unpackbits(packed, count=grid[0] * grid[1]).astype(bool).reshape(grid)
@@ -47,6 +53,8 @@ class PartialStore:
         self.chunk = int(self.array.chunks[-1])
         self.grid = (math.ceil(self.height / self.chunk), math.ceil(self.width / self.chunk))
         self.done = np.zeros(self.grid, dtype=bool)
+        record = _progress_record(self.path) or {}
+        self.kind = record.get("params", {}).get("kind") or ("rgb" if self.channels == 3 else "fluorescence")
         self.factors = [1]
         if max(self.height, self.width) > SINGLE_SCALE_MAX_PX:
             f = THUMBNAIL_FACTOR
@@ -172,15 +180,3 @@ class PreviewLevel:
 
 def preview_levels(store: PartialStore, channel: int | None = None) -> list[PreviewLevel]:
     return [PreviewLevel(store, f, channel) for f in store.factors]
-
-
-def open_result(path: str | Path) -> tuple[list, dict, int]:
-    """Levels (dask, channels last) of a finished store, its `mupad` provenance, channel count."""
-    import dask.array as da
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r")
-    multiscales = group.attrs.get("multiscales") or group.attrs.get("ome", {}).get("multiscales")
-    paths = [d["path"] for d in multiscales[0]["datasets"]]
-    levels = [da.from_zarr(group[p]).transpose(1, 2, 0) for p in paths]
-    return levels, dict(group.attrs.get("mupad", {})), int(levels[0].shape[-1])

@@ -64,6 +64,16 @@ class RoiJob:
     status: str = "pending"
 
 
+def generation_models() -> list[str]:
+    """Ids of the bundled and cached models that generate from conditions (no spatial template)."""
+    try:
+        from mupad_core.zoo import list_models
+
+        return [e.id for e in list_models() if not e.template and e.conditions]
+    except Exception:  # a broken cache must not keep the widget from opening
+        return []
+
+
 class _Relay(QObject):
     step = Signal(int, int, int)  # job index, steps done, total
     result = Signal(int, object, object)  # job index, (H, W, C) uint8, provenance dict
@@ -153,7 +163,8 @@ class RoiGenerateWidget(QWidget):
         self.reference_combo = QComboBox()
         self.model_combo = QComboBox()
         self.model_combo.setEditable(True)
-        self.model_combo.setToolTip("checkpoint folder or hub id of a token-conditioned MUPAD model")
+        self.model_combo.setToolTip("bundled model id, checkpoint folder or hub id of a token-conditioned MUPAD model")
+        self.model_combo.addItems(generation_models())
         self.model_browse = QPushButton("Folder…")
         self.pixel_spin = QDoubleSpinBox()
         self.pixel_spin.setDecimals(4)
@@ -231,6 +242,7 @@ class RoiGenerateWidget(QWidget):
             event.connect(self._refresh_layer_choices)
         self._pixel_from_slide = True
         self.pixel_spin.valueChanged.connect(lambda *_: setattr(self, "_pixel_from_slide", False))
+        self.model_combo.currentTextChanged.connect(self._model_changed)
         self._refresh_layer_choices()
 
     # -- form ------------------------------------------------------------------------
@@ -245,11 +257,27 @@ class RoiGenerateWidget(QWidget):
             if current in [lay.name for lay in layers]:
                 combo.setCurrentText(current)
             combo.blockSignals(False)
-        slides = [lay for lay in images if lay.metadata.get("path")]
-        if slides and self._pixel_from_slide:
-            self.pixel_spin.blockSignals(True)
-            self.pixel_spin.setValue(float(slides[0].scale[-1]))  # the slide's level-0 pixel, in world units
-            self.pixel_spin.blockSignals(False)
+        self._default_pixel()
+
+    def _model_changed(self, text: str) -> None:
+        self._default_pixel()
+
+    def _default_pixel(self) -> None:
+        """Until the user sets it: the model's training pixel size (µm) where a slide layer is
+        in µm, else the first slide layer's level-0 pixel, in world units."""
+        if not self._pixel_from_slide:
+            return
+        from .stain import model_pipeline
+
+        slides = [lay for lay in self.viewer.layers if isinstance(lay, Image) and lay.metadata.get("path")]
+        if not slides:
+            return
+        mpp = model_pipeline(self.model_combo.currentText().strip()).get("mpp")
+        in_um = slides[0].metadata.get("mpp") is not None
+        value = float(mpp) if mpp and in_um else float(slides[0].scale[-1])
+        self.pixel_spin.blockSignals(True)
+        self.pixel_spin.setValue(value)
+        self.pixel_spin.blockSignals(False)
 
     def _browse_table(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Expression table", "", "Tables (*.csv *.tsv *.txt *.gz *.h5ad)")

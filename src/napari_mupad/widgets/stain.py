@@ -24,6 +24,7 @@ from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -47,8 +48,8 @@ from ._worker import (
     unique_path,
 )
 
-TASKS = ("he2he", "he2ihc:ki67", "he2ihc:her2", "he2ihc:pr", "he2mif", "ff2ffpe", "identity")
-MODELS = ("identity",)  # plus any folder or hub id typed or browsed
+TASKS = ("he2he", "he2ihc", "he2ihc:ki67", "he2ihc:her2", "he2mif", "ff2ffpe", "identity")
+MODELS = ("identity",)  # then the bundled/cached restaining models; any folder or hub id may be typed
 REGIONS = ("Current view", "Drawn rectangles", "Whole slide")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -65,6 +66,34 @@ class StainJob:
     store: object | None = None  # PartialStore while running
     status: str = "pending"  # pending, running, done, cancelled, failed
     resume: bool = False  # continue an existing NAME.partial
+    out_mpp: float = 0.0  # output pixel size (µm)
+
+
+def model_pipeline(spec: str) -> dict:
+    """mupad_pipeline.json of a bundled model id or a local checkpoint folder; {} otherwise."""
+    import json
+
+    from mupad_core.zoo import PIPELINE_FILE, bundled_models_dir
+
+    if not spec or spec == "identity":
+        return {}
+    folder = bundled_models_dir() / spec
+    if "/" in spec or not (folder / "config.json").is_file():
+        folder = Path(spec).expanduser()
+    try:
+        return json.loads((folder / PIPELINE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def restaining_models() -> list[str]:
+    """Ids of the bundled and cached models that restain a source (spatial template)."""
+    try:
+        from mupad_core.zoo import list_models
+
+        return [e.id for e in list_models() if e.template]
+    except Exception:  # a broken cache must not keep the widget from opening
+        return []
 
 
 class _Relay(QObject):
@@ -132,6 +161,7 @@ class StainWidget(QWidget):
         self.model_combo = QComboBox()
         self.model_combo.setEditable(True)
         self.model_combo.addItems(MODELS)
+        self.model_combo.addItems(restaining_models())
         self.model_combo.setToolTip("'identity' (returns the input; for checks), a checkpoint folder, or a hub id")
         self.model_browse = QPushButton("Folder…")
         self.region_combo = QComboBox()
@@ -141,6 +171,12 @@ class StainWidget(QWidget):
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(1, 1000)
         self.steps_spin.setValue(20)
+        self.mpp_spin = QDoubleSpinBox()
+        self.mpp_spin.setDecimals(3)
+        self.mpp_spin.setRange(0.0, 100.0)
+        self.mpp_spin.setSingleStep(0.25)
+        self.mpp_spin.setSpecialValueText("source")  # 0: the source's own pixel size
+        self.mpp_spin.setToolTip("output pixel size in µm; 'source' keeps the slide's; a model's own is set when chosen")
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
         self.device_combo = QComboBox()
@@ -169,6 +205,7 @@ class StainWidget(QWidget):
         form.addRow("ROI shapes", self.shapes_combo)
         form.addRow("Steps", self.steps_spin)
         form.addRow("Seed", self.seed_spin)
+        form.addRow("Output µm/px", self.mpp_spin)
         form.addRow("Device", self.device_combo)
         out_row = QHBoxLayout()
         out_row.addWidget(self.output_edit, 1)
@@ -193,6 +230,8 @@ class StainWidget(QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.region_combo.currentTextChanged.connect(self._update_enabled)
+        self._model_pipeline: dict = {}
+        self.model_combo.currentTextChanged.connect(self._model_changed)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
                       self.viewer.layers.events.reordered):
             event.connect(self._refresh_layer_choices)
@@ -217,6 +256,17 @@ class StainWidget(QWidget):
 
     def _update_enabled(self, *_) -> None:
         self.shapes_combo.setEnabled(self.region_combo.currentText() == "Drawn rectangles")
+
+    def _model_changed(self, text: str) -> None:
+        """A bundled or local model: take its task, output pixel size and window from its pipeline file.
+
+        Reads JSON only; a hub id is not resolved here (no download on the GUI thread)."""
+        self._model_pipeline = model_pipeline(text.strip())
+        tasks = self._model_pipeline.get("tasks") or []
+        if tasks:
+            self.task_combo.setCurrentText(str(tasks[0]))
+        mpp = self._model_pipeline.get("mpp")
+        self.mpp_spin.setValue(float(mpp) if mpp else 0.0)
 
     def _browse_model(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "MUPAD checkpoint folder")
@@ -302,9 +352,17 @@ class StainWidget(QWidget):
             job.resume = unfinished is not None
             self.jobs.append(job)
         self._source_name = source.name
-        self._src_mpp = geo.layer_mpp(source)
+        self._src_mpp_xy = geo.layer_mpp_xy(source)
+        self._src_mpp = min(self._src_mpp_xy)
+        target = float(self.mpp_spin.value()) or None
+        for job in self.jobs:
+            job.out_mpp = target or self._src_mpp
         self._cancel = threading.Event()
-        engine = {"steps": self.steps_spin.value(), "seed": self.seed_spin.value(), **self.engine_options}
+        engine = {"steps": self.steps_spin.value(), "seed": self.seed_spin.value(), "target_mpp": target}
+        window = self._model_pipeline.get("window_px")
+        if window:  # the tile size the model was trained on (as `mupad demo` runs it)
+            engine.update(window_px=int(window), overlap_px=int(window) // 4, margin_px=int(window))
+        engine.update(self.engine_options)
         # The pixel size the layer records (the file's, or the one given when it was opened);
         # none recorded: open_slide refuses the slide rather than guessing one.
         slide_mpp = self._src_mpp if source.metadata.get("mpp") is not None else None
@@ -374,7 +432,7 @@ class StainWidget(QWidget):
             scale = (out_mpp, out_mpp)
             translate = (job.roi[1] * self._src_mpp, job.roi[0] * self._src_mpp)
         else:
-            scale, translate = geo.overlay_placement(source, job.roi, self._src_mpp, out_mpp)
+            scale, translate = geo.overlay_placement(source, job.roi, self._src_mpp_xy, out_mpp)
             return {"scale": scale, "translate": translate, **geo.layer_units(source)}
         return {"scale": scale, "translate": translate}
 
@@ -386,21 +444,30 @@ class StainWidget(QWidget):
             return
         store = PartialStore(partial)
         job.store = store
-        place = self._placement(job, self._src_mpp)
-        meta = {"path": str(partial), "mpp": (self._src_mpp, self._src_mpp), "mupad_preview": True, "roi_level0": list(job.roi)}
+        place = self._placement(job, job.out_mpp)
+        meta = {"path": str(partial), "mpp": (job.out_mpp, job.out_mpp), "mupad_preview": True,
+                "roi_level0": list(job.roi)}
         name = f"{job.label} (running)"
         multiscale = len(store.factors) > 1
-        if store.channels == 3:
+        if store.kind == "rgb":
             data = preview_levels(store)
             job.layers = [self.viewer.add_image(data if multiscale else data[0], rgb=True, multiscale=multiscale,
                                                 contrast_limits=(0, 255), name=name, metadata=meta, **place)]
         else:
+            from mupad_core.store.omezarr import FLUORESCENCE_COLORS
+            from napari_mupad._layers import napari_colormap
+
+            names = list(self._model_pipeline.get("channels") or [])
+            colors = list(self._model_pipeline.get("colors") or [])
             job.layers = []
             for c in range(store.channels):
                 data = preview_levels(store, c)
+                color = colors[c] if c < len(colors) else FLUORESCENCE_COLORS[c % len(FLUORESCENCE_COLORS)]
+                label = names[c] if c < len(names) else f"c{c}"
                 job.layers.append(self.viewer.add_image(
                     data if multiscale else data[0], multiscale=multiscale, contrast_limits=(0, 255),
-                    blending="additive", name=f"{name} c{c}", metadata=dict(meta), **place))
+                    colormap=napari_colormap(color.lstrip("#").upper()), blending="additive",
+                    name=f"{job.label} {label} (running)", metadata=dict(meta), **place))
         self._below_rois(job.layers)
 
     def _below_rois(self, layers) -> None:
@@ -423,33 +490,32 @@ class StainWidget(QWidget):
         job.store = None
 
     def _on_job_done(self, index: int, path: str) -> None:
-        from ._preview import open_result
+        """Swap the preview for the finished store, opened by the plugin's own reader."""
+        from napari_mupad._reader import read_slide
 
         job = self.jobs[index]
         visible = [lay.visible for lay in job.layers]
         opacity = [lay.opacity for lay in job.layers]
         self._remove_layers(job)
         try:
-            levels, provenance, channels = open_result(path)
+            tuples = read_slide(path)
         except Exception as exc:
             show_error(f"MUPAD: finished {path} but cannot open it: {short_error(exc)}")
             return
-        out_mpp = float(provenance.get("engine", {}).get("target_mpp") or self._src_mpp)
-        place = self._placement(job, out_mpp)
-        meta = {"path": path, "mpp": (out_mpp, out_mpp), "mupad": provenance, "roi_level0": list(job.roi),
-                "source_path": provenance.get("source", {}).get("path")}
-        multiscale = len(levels) > 1
-        data = levels if multiscale else levels[0]
-        if channels == 3:
-            layers = [self.viewer.add_image(data, rgb=True, multiscale=multiscale, contrast_limits=(0, 255),
-                                            name=job.label, metadata=meta, **place)]
-        else:
-            layers = self.viewer.add_image(data, channel_axis=-1, multiscale=multiscale, blending="additive",
-                                           name=[f"{job.label} c{c}" for c in range(channels)], metadata=meta, **place)
+        place = self._placement(job, job.out_mpp)
+        layers = []
+        for data, meta, _kind in tuples:
+            meta = dict(meta)
+            provenance = meta["metadata"].get("provenance") or {}
+            meta["metadata"] = {**meta["metadata"], "mupad": provenance, "roi_level0": list(job.roi),
+                                "source_path": provenance.get("source", {}).get("path")}
+            meta["name"] = job.label if meta.get("rgb") else f"{job.label} {meta['name']}"
+            meta.update(place)
+            layers.append(self.viewer.add_image(data, **meta))
         for k, layer in enumerate(layers):
             if k < len(visible):
                 layer.visible, layer.opacity = visible[k], opacity[k]
-        job.layers = list(layers)
+        job.layers = layers
         self._below_rois(job.layers)
         job.status = "done"
 
