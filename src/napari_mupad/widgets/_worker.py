@@ -130,3 +130,62 @@ class SerialEvents:
                     self._on_error(exc)
         finally:
             self._draining = False
+
+
+class JobControls:
+    """Run/Cancel/progress state shared by the widgets that run jobs in a worker.
+
+    A widget sets `_cancel_message` ("… after the current block"), `_job_noun`, `_done_word`
+    and `_failure_title`, and may override `_discard(job)` to remove what a job that did not
+    finish left on screen, and `_idle_progress(text)` for the bar's value when idle.
+    """
+
+    _cancel_message = "cancelling …"
+    _job_noun = "job(s)"
+    _done_word = "done"
+    _failure_title = "MUPAD job failed"
+
+    def cancel(self) -> None:
+        if not self.running:
+            return
+        self._cancel.set()
+        self.cancel_button.setEnabled(False)
+        self.status_label.setText(self._cancel_message)
+
+    def _discard(self, job) -> None:
+        """Remove what an unfinished job left on screen (nothing by default)."""
+
+    def _on_errored(self, exc: BaseException) -> None:
+        from napari.utils.notifications import show_error
+
+        for job in self.jobs:
+            if job.status != "done":
+                job.status = "failed"
+                self._discard(job)
+        show_error(f"{self._failure_title}: {short_error(exc)}")
+        self.status_label.setText(f"error: {short_error(exc)}")
+
+    def _on_finished(self) -> None:
+        done = sum(job.status == "done" for job in self.jobs)
+        text = self.status_label.text() if self.status_label.text().startswith("error") else \
+            f"idle — {done}/{len(self.jobs)} {self._job_noun} {self._done_word}" + \
+            (" (cancelled)" if self._cancel.is_set() else "")
+        self._set_idle(text)
+
+    def _idle_progress(self, text: str) -> int:
+        return 0
+
+    def _set_idle(self, text: str) -> None:
+        self.worker = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(self._idle_progress(text))
+        self.status_label.setText(text)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt)
+        self.cancel()
+        super().closeEvent(event)

@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
 )
 
 from . import _geometry as geo
-from ._worker import SerialEvents, main_thread_torch_threads, match_torch_threads, resolve_device, short_error
+from ._worker import JobControls, SerialEvents, main_thread_torch_threads, match_torch_threads, resolve_device, short_error
 
 CONDITIONS = ("Text prompt", "RNA profile", "Reference image")
 DEVICES = ("auto", "cpu", "cuda")
@@ -135,8 +135,11 @@ def _generate_worker(model: str, device: str, threads: int, kind: str, value, jo
     return results
 
 
-class RoiGenerateWidget(QWidget):
+class RoiGenerateWidget(JobControls, QWidget):
     """Dock widget: ROI shapes, condition (text / RNA / reference image), model, sampling; Run / Cancel."""
+
+    _cancel_message = "cancelling after the current step …"
+    _job_noun, _done_word, _failure_title = "rectangle(s)", "generated", "MUPAD generate failed"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
@@ -393,13 +396,6 @@ class RoiGenerateWidget(QWidget):
         self.status_label.setText(f"loading model {model} …")
         self.worker.start()
 
-    def cancel(self) -> None:
-        if not self.running:
-            return
-        self._cancel.set()
-        self.cancel_button.setEnabled(False)
-        self.status_label.setText("cancelling after the current step …")
-
     # -- worker events (GUI thread) ----------------------------------------------------
     def _on_step(self, index: int, done: int, total: int) -> None:
         overall_total = total * len(self.jobs)
@@ -433,30 +429,3 @@ class RoiGenerateWidget(QWidget):
         if cancelled:
             show_info(f"MUPAD generate cancelled: {len(cancelled)} rectangle(s) not generated")
 
-    def _on_errored(self, exc: BaseException) -> None:
-        for job in self.jobs:
-            if job.status != "done":
-                job.status = "failed"
-        show_error(f"MUPAD generate failed: {short_error(exc)}")
-        self.status_label.setText(f"error: {short_error(exc)}")
-
-    def _on_finished(self) -> None:
-        done = sum(job.status == "done" for job in self.jobs)
-        text = self.status_label.text() if self.status_label.text().startswith("error") else \
-            f"idle — {done}/{len(self.jobs)} rectangle(s) generated" + (" (cancelled)" if self._cancel.is_set() else "")
-        self._set_idle(text)
-
-    def _set_idle(self, text: str) -> None:
-        self.worker = None
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        self.status_label.setText(text)
-
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt)
-        self.cancel()
-        super().closeEvent(event)

@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
 
 from . import _geometry as geo
 from ._worker import (
+    JobControls,
     SerialEvents,
     default_output_dir,
     main_thread_torch_threads,
@@ -136,8 +137,11 @@ def _stain_worker(slide_path: str, mpp: float | None, model: str, task: str, dev
     return results
 
 
-class StainWidget(QWidget):
+class StainWidget(JobControls, QWidget):
     """Dock widget: source layer, task, model, region, steps, seed, device, output folder; Run / Cancel."""
+
+    _cancel_message = "cancelling after the current block …"  # the partial store stays on disk, its layer goes
+    _job_noun, _done_word, _failure_title = "ROI(s)", "done", "MUPAD stain failed"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
@@ -395,14 +399,6 @@ class StainWidget(QWidget):
         newest = max(candidates, key=lambda p: p.stat().st_mtime)
         return newest.with_name(newest.name.removesuffix(".partial"))
 
-    def cancel(self) -> None:
-        """Stop after the block in progress; the partial store stays on disk, its layer goes."""
-        if not self.running:
-            return
-        self._cancel.set()
-        self.cancel_button.setEnabled(False)
-        self.status_label.setText("cancelling after the current block …")
-
     # -- worker events (GUI thread) ----------------------------------------------------
     def _on_block(self, index: int, done: int, total: int) -> None:
         job = self.jobs[index]
@@ -530,31 +526,8 @@ class StainWidget(QWidget):
                     if self.jobs[i].out.with_name(self.jobs[i].out.name + ".partial").exists()]
             show_info("MUPAD stain cancelled" + (f"; unfinished store kept (resumable): {kept[0]}" if kept else ""))
 
-    def _on_errored(self, exc: BaseException) -> None:
-        for job in self.jobs:
-            if job.status != "done":
-                job.status = "failed"
-                self._remove_layers(job)
-        show_error(f"MUPAD stain failed: {short_error(exc)}")
-        self.status_label.setText(f"error: {short_error(exc)}")
+    def _discard(self, job: StainJob) -> None:
+        self._remove_layers(job)
 
-    def _on_finished(self) -> None:
-        done = sum(job.status == "done" for job in self.jobs)
-        text = self.status_label.text() if self.status_label.text().startswith("error") else \
-            f"idle — {done}/{len(self.jobs)} ROI(s) done" + (" (cancelled)" if self._cancel.is_set() else "")
-        self._set_idle(text)
-
-    def _set_idle(self, text: str) -> None:
-        self.worker = None
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(1 if text.startswith("idle") and not self._cancel.is_set() else 0)
-        self.status_label.setText(text)
-
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt)
-        self.cancel()
-        super().closeEvent(event)
+    def _idle_progress(self, text: str) -> int:
+        return 1 if text.startswith("idle") and not self._cancel.is_set() else 0
