@@ -7,7 +7,7 @@ ARGS ?=
 help:
 	@echo "make setup  - create .venv and install napari-mupad (pinned CPU torch first)"
 	@echo "make test   - Xvfb/Qt system packages (apt), venv, then the whole test suite under Xvfb"
-	@echo "make demo   - train a tiny MUPAD model on real H&E tiles (~1 min CPU) -> demo-out/"
+	@echo "make demo   - venv, then the bundled demo models over the bundled slide -> demo-out/ (+ napari)"
 	@echo "make bench  - run the benchmarks (if any)"
 
 setup:

@@ -37,6 +37,25 @@ def test_identity_reproduces_the_roi_exactly(cmu, tmp_path):
     assert group.attrs["mupad"]["source"]["roi_level0"] == list(roi)
 
 
+@pytest.mark.parametrize("factor", [1.0, 2.5])
+def test_a_region_result_lies_where_the_region_lies(cmu, tmp_path, factor):
+    """The store's origin puts output pixel 0's centre at the centre of the source pixels it
+    averages, so a viewer that honours NGFF translations overlays it on the slide."""
+    roi = (300, 500, 400, 300)
+    src_x, src_y = cmu.level_mpp(0)
+    out = run_stain(cmu, IdentityHandle(), tmp_path / "id.ome.zarr",
+                    StainConfig(roi=roi, target_mpp=src_x * factor))
+    validate_omezarr(out)
+    with open_slide(out) as result:
+        oy, ox = result.origin
+        # Output pixel 0 averages source pixels [x0, x0 + s): its centre is x0 + (s - 1) / 2.
+        s_x, s_y = factor, src_x * factor / src_y
+        assert ox == pytest.approx((roi[0] + (s_x - 1) / 2) * src_x)
+        assert oy == pytest.approx((roi[1] + (s_y - 1) / 2) * src_y)
+        # Its left edge is the ROI's left edge on the slide.
+        assert ox - result.mpp[0] / 2 == pytest.approx((roi[0] - 0.5) * src_x)
+
+
 def test_fused_windows_leave_no_seams_where_naive_stitching_does(cmu, tmp_path):
     roi = (203, 605, 1024, 1024)  # off the source's 8-px JPEG grid, so its block edges don't line up with ours
     fused_cfg = StainConfig(roi=roi, steps=4, window_px=128, overlap_px=48, block_px=512, margin_px=128)

@@ -152,6 +152,27 @@ def test_small_image_without_pixel_size_gets_two_unitless_levels(tmp_path):
     assert scales == [[1, 1, 1], [1, 2, 2]]
 
 
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_origin_places_a_region_and_the_reader_reads_it_back(tmp_path, version):
+    from mupad_core.slide.readers import open_slide
+
+    image = np.random.default_rng(2).integers(0, 256, (3, 300, 200), dtype=np.uint8)
+    writer = PyramidWriter(tmp_path / "roi.ome.zarr", (300, 200), 3, mpp=(0.5, 0.25), version=version,
+                           origin=(120.25, 40.5), min_level_px=100)
+    write_all(writer, image)
+    path = writer.finalize()
+
+    validate_omezarr(path)
+    datasets = ome_attributes(path)["multiscales"][0]["datasets"]
+    # Level L's first pixel centre: the origin plus (2^L - 1)/2 level-0 pixels.
+    translations = [d["coordinateTransformations"][1]["translation"] for d in datasets]
+    assert translations[0] == [0.0, 120.25, 40.5]
+    assert translations[1] == [0.0, 120.25 + 0.25 * 0.5, 40.5 + 0.5 * 0.5]
+    with open_slide(path) as reader:
+        assert reader.origin == pytest.approx((120.25, 40.5))
+        assert reader.mpp == pytest.approx((0.5, 0.25))
+
+
 def test_crash_then_resume_gives_the_uninterrupted_image(tmp_path):
     image = np.random.default_rng(1).integers(0, 256, (3, 700, 600), dtype=np.uint8)
     options = dict(

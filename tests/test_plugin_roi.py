@@ -169,7 +169,7 @@ def _notifications():
     return seen, lambda: notification_manager.notification_ready.disconnect(record)
 
 
-def test_text_prompt_fills_each_drawn_rectangle_exactly(slide_viewer, checkpoint, qtbot):
+def test_text_prompt_fills_each_drawn_rectangle_exactly(slide_viewer, checkpoint, qtbot, tmp_path):
     viewer = slide_viewer
     source = viewer.layers[0]
     mpp = float(source.scale[-1])
@@ -201,6 +201,21 @@ def test_text_prompt_fills_each_drawn_rectangle_exactly(slide_viewer, checkpoint
         assert provenance["condition"] == {"kind": "text", "text": "tumour nests with dense lymphocytes"}
         assert provenance["model_id"] == str(checkpoint) and provenance["not_for_diagnosis"] is True
     assert widget.jobs[0].layer.metadata["mupad"]["seed"] == 5
+
+    # Export a generated ROI: it reopens where it lay, labelled generated, its condition kept.
+    from mupad_core.store import validate_omezarr
+
+    first = widget.jobs[0].layer
+    viewer.layers.selection = {first}
+    out = tmp_path / "generated-roi.ome.zarr"
+    assert viewer.layers.save(str(out), selected=True, plugin="napari-mupad") == [str(out)]
+    validate_omezarr(out)
+    (reopened,) = viewer.open(out, plugin="napari-mupad")
+    np.testing.assert_allclose(reopened.extent.world, first.extent.world, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(reopened.data[0]), np.asarray(first.data))
+    assert reopened.metadata["provenance"]["generated"] is True
+    assert reopened.metadata["provenance"]["condition"]["text"] == "tumour nests with dense lymphocytes"
+    viewer.layers.remove(reopened)
 
     assert viewer.layers.index(shapes) == len(viewer.layers) - 1  # the rectangles stay on top
     from napari_mupad.widgets._geometry import camera

@@ -569,9 +569,13 @@ def test_bundled_he2ihc_model_at_its_own_pixel_size(slide_viewer, tmp_path, qtbo
 
 
 def test_bundled_he2mif_model_gives_named_marker_layers(slide_viewer, tmp_path, qtbot):
+    """The mIF layer set: three coloured additive marker layers over the ROI and nowhere else;
+    the screenshots (H&E | H&E + markers | markers alone) go into the docs."""
+    from PIL import Image as PILImage
+
     viewer = slide_viewer
     source = viewer.layers[0]
-    roi = (600, 1000, 160, 128)
+    roi = (1200, 1760, 224, 160)  # dense tissue
     _draw_roi(viewer, source, roi)
     widget = _widget(viewer, tmp_path, qtbot)
     widget.region_combo.setCurrentText("Drawn rectangles")
@@ -593,3 +597,34 @@ def test_bundled_he2mif_model_gives_named_marker_layers(slide_viewer, tmp_path, 
         np.testing.assert_allclose(lo, [(y - 0.5) * mpp, (x - 0.5) * mpp], atol=1e-9)
         assert np.all(np.abs(hi - [(y + h - 0.5) * mpp, (x + w - 0.5) * mpp]) <= 0.125 + 1e-9)
         assert layer.metadata["mupad"]["task"] == "he2mif"
+
+    x, y, w, h = roi
+    viewer.layers["rois"].visible = False
+    _cam(viewer).center = (0, (y + h / 2) * mpp, (x + w / 2) * mpp)
+    _cam(viewer).zoom = 0.6 * min(np.asarray(viewer.canvas.size) / (np.array([h, w]) * mpp))
+    qtbot.wait(100)
+    with_markers = _shot(viewer)
+    for layer in job.layers:
+        layer.visible = False
+    he_only = _shot(viewer)
+    changed = np.abs(with_markers - he_only).sum(-1) > 0
+    r0, c0, r1, c1 = _canvas_box(viewer, ((y - 0.5) * mpp, (x - 0.5) * mpp),
+                                 ((y + h - 0.5) * mpp, (x + w - 0.5) * mpp), with_markers.shape)
+    assert 0 < r0 < r1 < changed.shape[0] and 0 < c0 < c1 < changed.shape[1]
+    outside = np.ones_like(changed)
+    outside[max(r0 - 2, 0) : r1 + 2, max(c0 - 2, 0) : c1 + 2] = False
+    assert not changed[outside].any(), "the marker layers changed the screen outside their ROI"
+    assert changed[r0 + 2 : r1 - 2, c0 + 2 : c1 - 2].mean() > 0.5, "the marker layers are not drawn over the ROI"
+    for layer in job.layers:
+        layer.visible = True
+    source.visible = False
+    markers_only = _shot(viewer)
+    source.visible = True
+    inside = markers_only[r0 + 2 : r1 - 2, c0 + 2 : c1 - 2]
+    # Additive colour layers on black: several hues, not one grey image.
+    assert inside.max() > 60 and np.ptp(inside.reshape(-1, 3).mean(0)) > 5
+    crop = (slice(max(r0 - 40, 0), r1 + 40), slice(max(c0 - 40, 0), c1 + 40))
+    gap = np.full((with_markers[crop].shape[0], 8, 3), 255)
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(np.concatenate([he_only[crop], gap, with_markers[crop], gap, markers_only[crop]],
+                                      axis=1).astype(np.uint8)).save(IMAGES / "plugin-stain-mif-layers.png")

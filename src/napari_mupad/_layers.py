@@ -43,6 +43,9 @@ def slide_layer_data(reader: SlideReader) -> list[LayerDataTuple]:
     if reader.mpp is not None:
         common["scale"] = (reader.mpp[1], reader.mpp[0])
         common["units"] = ("micrometer", "micrometer")
+    origin = tuple(float(v) for v in getattr(reader, "origin", (0.0, 0.0)))
+    if origin != (0.0, 0.0):
+        common["translate"] = origin  # a region's result lies where the region lies on its slide
     metadata = slide_metadata(reader)
     if reader.kind == "brightfield" and reader.levels[0].shape[2] == 3:
         meta = {

@@ -42,6 +42,7 @@ def write_image_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
             provenance=layer_provenance([meta]),
             overwrite=True,
             generated=is_generated([meta]),
+            origin=layer_origin(meta),
         )
         stream_regions(writer, lambda rows, cols: rgb_region(level0, rows, cols))
         return [str(writer.finalize())]
@@ -83,6 +84,7 @@ def write_channel_layers(path: str, layer_data: Sequence[FullLayerData]) -> list
         provenance=layer_provenance(metas),
         overwrite=True,
         generated=is_generated(metas),
+        origin=layer_origin(metas[0]),
     )
     stream_regions(writer, lambda rows, cols: np.stack(dask.compute(*(level0[rows, cols] for level0 in channels))))
     return [str(writer.finalize())]
@@ -131,11 +133,25 @@ def layer_mpp(meta: dict[str, Any]) -> tuple[float, float] | None:
     return (float(recorded[0]), float(recorded[1])) if recorded else None
 
 
+def layer_origin(meta: dict[str, Any]) -> tuple[float, float] | None:
+    """(y, x) of the layer's pixel (0, 0) centre in the store's units (µm when the pixel size
+    is known): its translate counted in its own pixels, times the pixel size. A generated ROI
+    or a cropped region thus reopens where it lay."""
+    translate = meta.get("translate")
+    if translate is None:
+        return None
+    scale = meta.get("scale")
+    scale_yx = [1.0, 1.0] if scale is None else [float(v) for v in list(scale)[-2:]]
+    pixels = [float(t) / s for t, s in zip(list(translate)[-2:], scale_yx)]
+    mpp = layer_mpp(meta)
+    return (pixels[0] * mpp[1], pixels[1] * mpp[0]) if mpp else (pixels[0], pixels[1])
+
+
 def layer_provenance(metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The provenance the first layer carries (our outputs' `mupad` attributes), plus the
     file it came from and the exported layer names; JSON-safe, as store attributes must be."""
+    provenance = dict(next((found for meta in metas if (found := recorded_provenance(meta))), {}))
     metadatas = [meta.get("metadata") or {} for meta in metas]
-    provenance = dict(next((m["provenance"] for m in metadatas if m.get("provenance")), {}))
     source = next((m["path"] for m in metadatas if m.get("path")), None)
     if source:
         provenance.setdefault("source", source)
@@ -143,11 +159,18 @@ def layer_provenance(metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return json.loads(json.dumps(provenance, default=str))
 
 
+def recorded_provenance(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a layer says about its making: our reader's `provenance` (from the store), else the
+    `mupad` record the widgets attach to layers they create in memory (ROI generation)."""
+    metadata = meta.get("metadata") or {}
+    return dict(metadata.get("provenance") or metadata.get("mupad") or {})
+
+
 def is_generated(metas: Sequence[dict[str, Any]]) -> bool:
     """Whether any exported layer holds generated pixels (our outputs say so in their
     provenance); a scanned slide's region is exported without the generated-image notice."""
     for meta in metas:
-        provenance = (meta.get("metadata") or {}).get("provenance") or {}
+        provenance = recorded_provenance(meta)
         if provenance.get("generated") or provenance.get("model_id"):
             return True
     return False

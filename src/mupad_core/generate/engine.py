@@ -100,6 +100,16 @@ def output_geometry(reader, config: StainConfig) -> tuple[tuple[int, int, int, i
     return (x, y, w, h), src_mpp, target, max(1, round(h * src_mpp[1] / target)), max(1, round(w * src_mpp[0] / target))
 
 
+def output_origin(reader, roi, src_mpp, target_mpp: float) -> tuple[float, float]:
+    """(y, x) µm of output pixel (0, 0)'s centre on the source's world: the result of a region
+    opens where the region lies. Output pixel i averages source pixels [x0 + i s, x0 + (i+1) s)
+    (s = target / source µm/px), so its centre is at source pixel x0 + (s - 1) / 2."""
+    x0, y0 = roi[0], roi[1]
+    sx, sy = target_mpp / src_mpp[0], target_mpp / src_mpp[1]
+    oy, ox = getattr(reader, "origin", (0.0, 0.0))
+    return oy + (y0 + (sy - 1) / 2) * src_mpp[1], ox + (x0 + (sx - 1) / 2) * src_mpp[0]
+
+
 def read_source(reader, pmap: PixelMap, oy: int, ox: int, oh: int, ow: int) -> torch.Tensor:
     """Source pixels (C, oh, ow) float in [0, 1] of output box (oy, ox) at the target size."""
     pixels = read_resampled(reader, pmap, oy, ox, oh, ow)
@@ -255,6 +265,7 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         chunk=config.chunk_px, version=config.version, kind=output_kind(handle),
         channel_names=getattr(handle, "channel_names", None), channel_colors=getattr(handle, "channel_colors", None),
         provenance=provenance, resume=config.resume, overwrite=config.overwrite,
+        origin=output_origin(reader, roi, src_mpp, target_mpp),
     )
     done = writer.done_tiles()
     if tissue_blocks is None and config.skip_background and not handle.passthrough:

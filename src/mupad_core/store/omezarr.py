@@ -91,7 +91,10 @@ class PyramidWriter:
     (skip ``done_tiles()``); ``overwrite=True`` replaces an existing result at ``finalize()`` and
     discards a stale partial store. Version "0.4" is the default: more readers understand it.
     ``provenance`` must be JSON-serialisable; ``generated=False`` marks an export of real,
-    scanned pixels (no generated-image notice). One writer per store, used from one thread.
+    scanned pixels (no generated-image notice). ``origin`` is where level-0 pixel (0, 0)'s
+    centre lies, (y, x) in the store's units (µm with an mpp): written as the NGFF translation,
+    so a region's result opens where the region lies on its slide. One writer per store, used
+    from one thread.
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class PyramidWriter:
         resume: bool = False,
         overwrite: bool = False,
         generated: bool = True,
+        origin: tuple[float, float] | None = None,
     ) -> None:
         if version not in FORMATS:
             raise ValueError(f"OME-Zarr version must be one of {sorted(FORMATS)}, got {version!r}")
@@ -141,6 +145,9 @@ class PyramidWriter:
         self._grid = (math.ceil(self.shape[1] / self.chunk), math.ceil(self.shape[2] / self.chunk))
         self._finalized = False
         self.generated = generated  # False for exports of real (scanned) pixels: no generated-image notice
+        self.origin = (0.0, 0.0) if origin is None else (float(origin[0]), float(origin[1]))
+        if not all(math.isfinite(v) for v in self.origin):
+            raise ValueError(f"{path}: origin must be finite, got {origin}")
 
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} already exists; pass overwrite=True to replace it")
@@ -171,6 +178,8 @@ class PyramidWriter:
             "mpp": self.mpp,
             "provenance": {key: self._provenance.get(key) for key in PIXEL_PROVENANCE_KEYS},
         }
+        if self.origin != (0.0, 0.0):
+            params["origin"] = self.origin
         return json.loads(json.dumps(params))
 
     def _create_partial(self) -> None:
@@ -339,6 +348,7 @@ class PyramidWriter:
             {"name": "x", "type": "space", **unit},
         ]
         pixel_y, pixel_x = (1.0, 1.0) if self.mpp is None else (self.mpp[1], self.mpp[0])
+        origin_y, origin_x = self.origin
         datasets = []
         for level in range(len(self.level_shapes)):
             factor = 2**level
@@ -351,7 +361,7 @@ class PyramidWriter:
                         {"type": "scale", "scale": [1.0, pixel_y * factor, pixel_x * factor]},
                         {
                             "type": "translation",
-                            "translation": [0.0, pixel_y * shift, pixel_x * shift],
+                            "translation": [0.0, origin_y + pixel_y * shift, origin_x + pixel_x * shift],
                         },
                     ],
                 }

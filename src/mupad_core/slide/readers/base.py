@@ -255,6 +255,9 @@ class SlideReader(abc.ABC):
     settles the pixel size in one place for all formats."""
 
     backend: str = ""
+    # (y, x) of level-0 pixel (0, 0)'s centre in the file's world, µm (pixels without a size):
+    # non-zero for OME-Zarr results of a region, which lie where the region lies on its slide.
+    origin: tuple[float, float] = (0.0, 0.0)
 
     def __init__(
         self,

@@ -68,6 +68,13 @@ def _scale(transforms: list[dict[str, Any]] | None, ndim: int) -> list[float]:
     return [1.0] * ndim
 
 
+def _translation(transforms: list[dict[str, Any]] | None, ndim: int) -> list[float]:
+    for transform in transforms or []:
+        if transform.get("type") == "translation" and "translation" in transform:
+            return [float(v) for v in transform["translation"]]
+    return [0.0] * ndim
+
+
 class OmeZarrReader(SlideReader):
     """An OME-Zarr image group as a lazy pyramid."""
 
@@ -120,6 +127,18 @@ class OmeZarrReader(SlideReader):
             properties=attributes,
         )
         self.ngff_version = str(ngff.get("version") or multiscale.get("version") or "")
+        self.origin = self._origin(multiscale, global_scale, y, x, len(axes))
+
+    @staticmethod
+    def _origin(multiscale: dict[str, Any], global_scale: list[float], y: int, x: int, ndim: int) -> tuple[float, float]:
+        """(y, x) of level-0 pixel (0, 0)'s centre: its translation (then the global one), in µm
+        when the axes name a length unit, else in the file's units."""
+        local = _translation(multiscale["datasets"][0].get("coordinateTransformations"), ndim)
+        outer = _translation(multiscale.get("coordinateTransformations"), ndim)
+        position = [t * g + o for t, g, o in zip(local, global_scale, outer)]
+        units = [a.get("unit") if isinstance(a, dict) else None for a in multiscale["axes"]]
+        factor = [NGFF_LENGTH_UNITS_UM.get(units[i], 1.0) for i in (y, x)]
+        return position[y] * factor[0], position[x] * factor[1]
 
     @staticmethod
     def _level(path: Path, array: zarr.Array, index: int, axes: str) -> da.Array:
