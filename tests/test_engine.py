@@ -257,3 +257,105 @@ def test_named_output_channels_make_a_fluorescence_store(cmu, tmp_path):
     assert attrs["mupad"]["kind"] == "fluorescence"
     assert [(c["label"], c["color"]) for c in attrs["omero"]["channels"]] == [
         ("DAPI", "0000FF"), ("Lap2beta", "00FF00"), ("Ki67", "FF0000")]
+
+
+SMALL = dict(task="he2he", roi=(400, 900, 256, 256), steps=2, window_px=64, overlap_px=16, margin_px=64,
+             block_px=256, skip_background=False)
+
+
+def test_samples_give_the_mean_of_single_runs_and_their_spread(cmu, tmp_path):
+    """--samples K: the store holds the mean of the K runs the sample seeds would give, and a
+    spread store beside it the per-pixel standard deviation; both placed alike."""
+    from mupad_core.generate.engine import spread_path
+    from mupad_core.generate.uncertainty import sample_seeds
+
+    seeds = sample_seeds(3, 3)
+    assert seeds[0] == 3 and len(set(seeds)) == 3
+    singles = [run_stain(cmu, tiny_handle(), tmp_path / f"s{k}.ome.zarr", StainConfig(**SMALL, seed=seed))
+               for k, seed in enumerate(seeds)]
+    runs = np.stack([level0(path).astype(float) for path in singles])  # uint8 each: compare within rounding
+    out = run_stain(cmu, tiny_handle(), tmp_path / "mean.ome.zarr", StainConfig(**SMALL, seed=3, samples=3))
+    validate_omezarr(out)
+    mean = level0(out).astype(float)
+    assert np.abs(mean - runs.mean(0)).max() <= 1.0
+    spread = spread_path(out)
+    assert spread.name == "mean.spread.ome.zarr" and not spread.with_name(spread.name + ".partial").exists()
+    validate_omezarr(spread)
+    measured = level0(spread)[..., 0].astype(float)
+    expected = (runs / 255).std(0).mean(-1) * 2 * 255
+    assert np.abs(measured - expected).max() <= 2.0  # from unrounded samples vs rounded ones
+    assert measured.mean() > 1  # the tiny model's samples really differ
+    attrs = zarr.open_group(str(spread), mode="r").attrs.asdict()
+    assert [c["label"] for c in attrs["omero"]["channels"]] == ["spread"]
+    assert attrs["mupad"]["spread_of"] == "mean.ome.zarr" and attrs["mupad"]["engine"]["samples"] == 3
+    with open_slide(out) as a, open_slide(spread) as b:
+        assert a.origin == b.origin and a.mpp == b.mpp
+
+
+def test_samples_resume_after_a_crash_between_the_two_finalizes(cmu, tmp_path, monkeypatch):
+    from mupad_core.generate.engine import spread_path
+    from mupad_core.store import PyramidWriter
+
+    cfg = StainConfig(**SMALL, seed=1, samples=2)
+    reference = level0(run_stain(cmu, tiny_handle(), tmp_path / "ref.ome.zarr", cfg))
+    target = tmp_path / "crash.ome.zarr"
+    real_finalize = PyramidWriter.finalize
+
+    def crash_on_the_mean(self):
+        if self.path == target:
+            raise OSError("disk went away")
+        return real_finalize(self)
+
+    monkeypatch.setattr(PyramidWriter, "finalize", crash_on_the_mean)
+    with pytest.raises(OSError):
+        run_stain(cmu, tiny_handle(), target, cfg)
+    monkeypatch.setattr(PyramidWriter, "finalize", real_finalize)
+    assert spread_path(target).exists() and not target.exists()  # never a finished mean without its spread
+    out = run_stain(cmu, tiny_handle(), target, StainConfig(**{**vars(cfg), "resume": True}))
+    assert np.array_equal(level0(out), reference)
+
+
+class _Still(SiTImageToImageHandle):
+    """Velocity 0: the sampler returns its starting point, so the start itself is visible."""
+
+    def window_velocity(self, x, t, prepared, windows):
+        return torch.zeros_like(x)
+
+
+def test_strength_starts_from_the_source_noised_part_of_the_way(cmu, tmp_path):
+    from mupad_core.generate.canvas import GlobalNoise
+
+    handle = _Still(tiny_handle().model, PixelUnshuffleCodec(2), "still", "0" * 64)
+    roi = SMALL["roi"]
+    source = torch.from_numpy(cmu.read_region(0, *roi)).permute(2, 0, 1).float() / 255
+    noise = GlobalNoise(0, 12).window(0, 0, 128, 128)
+    for strength in (0.25, 1.0):
+        out = level0(run_stain(cmu, handle, tmp_path / f"s{strength}.ome.zarr",
+                               StainConfig(**{**SMALL, "margin_px": 0}, strength=strength)))
+        start = (1 - strength) * PixelUnshuffleCodec(2).encode(source[None])[0] + strength * noise
+        expected = (PixelUnshuffleCodec(2).decode(start[None])[0].clamp(0, 1) * 255).round().byte()
+        assert np.abs(out.astype(int) - expected.permute(1, 2, 0).numpy()).max() <= 1
+
+
+def test_strength_is_refused_where_the_output_is_another_kind_of_image(cmu, tmp_path):
+    with pytest.raises(ValueError, match="same kind of image"):
+        run_stain(cmu, tiny_handle(), tmp_path / "x.ome.zarr", StainConfig(**{**SMALL, "task": "he2ihc"}, strength=0.5))
+    with pytest.raises(ValueError, match="strength must be in"):
+        run_stain(cmu, tiny_handle(), tmp_path / "x.ome.zarr", StainConfig(**SMALL, strength=0))
+    with pytest.raises(ValueError, match="samples must be"):
+        run_stain(cmu, tiny_handle(), tmp_path / "x.ome.zarr", StainConfig(**SMALL, samples=0))
+
+
+def test_mean_and_spread_on_known_samples():
+    from mupad_core.generate.uncertainty import mean_and_spread
+
+    samples = torch.zeros(4, 3, 2, 2)
+    samples[2:, :, 0, 0] = 1.0  # pixel (0, 0): half the samples black, half white: the largest spread
+    samples[:, 0, 1, 1] = 0.7  # pixel (1, 1): every sample agrees
+    mean, spread = mean_and_spread(samples, one_channel=True)
+    assert spread.shape == (1, 2, 2) and mean.shape == (3, 2, 2)
+    assert spread[0, 0, 0] == pytest.approx(1.0) and spread[0, 1, 1] == 0 and mean[0, 0, 0] == pytest.approx(0.5)
+    _, per_channel = mean_and_spread(samples, one_channel=False)
+    assert per_channel.shape == (3, 2, 2) and torch.allclose(per_channel[:, 0, 0], torch.ones(3))
+    with pytest.raises(ValueError, match="K, C, H, W"):
+        mean_and_spread(samples[0], one_channel=True)

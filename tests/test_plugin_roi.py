@@ -346,3 +346,37 @@ def test_bundled_text2he_model_draws_tissue_in_the_rectangles(slide_viewer, qtbo
     IMAGES.mkdir(parents=True, exist_ok=True)
     PILImage.fromarray(shot[..., :3]).save(IMAGES / "plugin-roi-generation.png")
     assert viewer.layers.index(shapes) == len(viewer.layers) - 1
+
+
+def test_samples_give_the_mean_and_a_spread_layer_over_the_same_rectangle(slide_viewer, checkpoint, generator,
+                                                                           qtbot):
+    import torch
+
+    from mupad_core.generate.uncertainty import sample_seeds
+
+    viewer = slide_viewer
+    units = viewer.layers[0].units
+    shapes = viewer.add_shapes([np.array([[200.0, 150.0], [248.0, 214.0]])], shape_type="rectangle", name="rois",
+                               units=units)
+    widget = _widget(viewer, qtbot)
+    widget.model_combo.setCurrentText(str(checkpoint))
+    widget.prompt_edit.setText("dense tumour")
+    widget.steps_spin.setValue(2)
+    widget.seed_spin.setValue(11)
+    widget.samples_spin.setValue(3)
+    _run(widget, qtbot)
+    (job,) = widget.jobs
+    assert job.status == "done", widget.status_label.text()
+    mean, spread = job.layer, job.spread_layer
+    assert spread is not None and spread.name.endswith("spread") and spread.blending == "additive"
+    np.testing.assert_allclose(spread.extent.world, mean.extent.world, atol=1e-9)
+    assert viewer.layers.index(shapes) == len(viewer.layers) - 1
+    # The layers are the mean and spread of the very samples the seeds give one by one.
+    cond = generator.conditions(text="dense tumour")
+    drawn = torch.stack([generator.generate(*job.shape, cond, steps=2, seed=s) for s in sample_seeds(11, 3)])
+    expected_mean = (drawn.mean(0).permute(1, 2, 0).numpy() * 255).round()
+    expected_spread = (drawn.std(0, unbiased=False).mul(2).mean(0).numpy() * 255).round()
+    assert np.abs(np.asarray(mean.data).astype(float) - expected_mean).max() <= 1
+    assert np.abs(np.asarray(spread.data).astype(float) - expected_spread).max() <= 1
+    assert np.asarray(spread.data).max() > 0
+    assert mean.metadata["mupad"]["sample_seeds"] == sample_seeds(11, 3)

@@ -628,3 +628,33 @@ def test_bundled_he2mif_model_gives_named_marker_layers(slide_viewer, tmp_path, 
     IMAGES.mkdir(parents=True, exist_ok=True)
     PILImage.fromarray(np.concatenate([he_only[crop], gap, with_markers[crop], gap, markers_only[crop]],
                                       axis=1).astype(np.uint8)).save(IMAGES / "plugin-stain-mif-layers.png")
+
+
+def test_samples_add_a_spread_overlay_and_strength_follows_the_task(slide_viewer, tmp_path, qtbot):
+    """Uncertainty in the viewer: with Samples 3 the result is the mean and a 'spread' layer
+    lies over exactly the same place, brightest where the samples disagree."""
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    roi = (400, 900, 256, 192)
+    _draw_roi(viewer, source, roi)
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    widget = _widget(viewer, tmp_path, qtbot, **FAST)
+    widget.task_combo.setCurrentText("he2ihc")
+    assert not widget.strength_spin.isEnabled()  # another kind of image: no partial start
+    widget.model_combo.setCurrentText(str(ckpt))
+    assert widget.task_combo.currentText() == "he2he" and widget.strength_spin.isEnabled()
+    widget.region_combo.setCurrentText("Drawn rectangles")
+    widget.steps_spin.setValue(2)
+    widget.samples_spin.setValue(3)
+    widget.strength_spin.setValue(0.6)
+    _run(widget, qtbot)
+    job = widget.jobs[0]
+    assert job.status == "done", widget.status_label.text()
+    mean, spread = job.layers
+    assert mean.rgb and spread.name.endswith("spread") and not spread.rgb
+    np.testing.assert_allclose(spread.extent.world, mean.extent.world, atol=1e-9)
+    engine = mean.metadata["mupad"]["engine"]
+    assert engine["samples"] == 3 and engine["strength"] == pytest.approx(0.6)
+    values = np.asarray(spread.data[0] if spread.multiscale else spread.data)
+    assert values.shape == np.asarray(mean.data[0]).shape[:2] and values.max() > 0
+    assert spread.metadata["provenance"]["spread_of"] == job.out.name

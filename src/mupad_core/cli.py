@@ -129,6 +129,10 @@ def _cmd_stain(args) -> int:
             return 130
         bar.close()
     print(out)
+    if config.samples > 1:
+        from .generate.engine import spread_path
+
+        print(spread_path(out))
     return 0
 
 
@@ -173,6 +177,12 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap-px", type=int, default=64, help="window overlap (default 64)")
     parser.add_argument("--block-px", type=int, default=1024,
                         help="output pixels per block: the unit of streaming and resume (default 1024)")
+    parser.add_argument("--samples", type=int, default=1, metavar="K",
+                        help="average K samples (K noise seeds) and write their per-pixel spread to "
+                             "NAME.spread.ome.zarr beside the result: where the model is unsure (default 1)")
+    parser.add_argument("--strength", type=float, default=1.0,
+                        help="he2he/ff2ffpe: how far from the source to start, 1 = from noise (default), "
+                             "smaller keeps more of the source's architecture")
     parser.add_argument("--format", choices=("0.4", "0.5"), default="0.4", help="OME-Zarr (NGFF) version")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished chunks")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -185,7 +195,7 @@ def _stain_config(args, **extra):
         task=args.task, steps=args.steps, method=args.sampler, guidance=args.guidance, seed=args.seed,
         batch_size=args.batch_size, version=args.format, resume=args.resume, overwrite=args.overwrite,
         window_px=args.window_px, overlap_px=args.overlap_px, block_px=args.block_px, margin_px=args.window_px,
-        **extra,
+        samples=args.samples, strength=args.strength, **extra,
     )
 
 

@@ -28,10 +28,14 @@ import torch
 
 from .. import __version__
 from ..store import PyramidWriter
+from ..store.omezarr import spread_path
+from ..tasks import SAME_DOMAIN_TASKS, supports_strength
+from ..transport.path import interpolate
 from ..transport.samplers import sde_step, time_grid
 from .canvas import GlobalNoise
 from .fusion import ramp_weights, window_grid
 from .models import ModelHandle
+from .uncertainty import mean_and_spread, sample_seeds
 from .resample import PixelMap, pixel_map, read_resampled, to_unit_float
 
 ProgressCallback = Callable[[int, int], None]  # (blocks done, total); may raise to cancel
@@ -59,6 +63,8 @@ class StainConfig:
     batch_size: int = 8
     version: str = "0.4"
     skip_background: bool = True  # blocks without tissue are written as background, not generated
+    samples: int = 1  # > 1: the mean of that many samples (uncertainty.sample_seeds) plus a spread store
+    strength: float = 1.0  # < 1 (he2he, ff2ffpe): start from the source noised to t = 1 - strength
     resume: bool = False
     overwrite: bool = False
 
@@ -80,6 +86,15 @@ def _check(config: StainConfig, handle: ModelHandle) -> None:
         raise ValueError(f"whole-slide sampling supports 'euler' and 'sde', got {config.method!r}")
     if not 0 <= config.overlap_px < config.window_px:
         raise ValueError(f"overlap {config.overlap_px} must be smaller than the window {config.window_px}")
+    if config.samples < 1:
+        raise ValueError(f"samples must be at least 1, got {config.samples}")
+    if not 0 < config.strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {config.strength}")
+    if config.strength < 1 and not handle.passthrough and not supports_strength(config.task):
+        raise ValueError(
+            f"strength {config.strength} starts from the noised source, which only makes sense when the output is "
+            f"the same kind of image as the input ({', '.join(SAME_DOMAIN_TASKS)}), not for {config.task!r}"
+        )
     for name in ("window_px", "overlap_px", "margin_px"):
         if getattr(config, name) % handle.downscale:
             raise ValueError(f"{name}={getattr(config, name)} must be a multiple of the latent downscale {handle.downscale}")
@@ -173,8 +188,9 @@ def block_region(start: int, length: int, margin: int, window: int, stride: int)
 
 
 def generate_block(handle: ModelHandle, source: torch.Tensor, origin_latent: tuple[int, int],
-                   noise: GlobalNoise, config: StainConfig) -> torch.Tensor:
-    """Sample one block region in lockstep over fused windows; returns pixels (C, H, W).
+                   noise: GlobalNoise | list[GlobalNoise], config: StainConfig) -> torch.Tensor:
+    """Sample one block region in lockstep over fused windows; returns pixels (C, H, W), or
+    (K, C, H, W) for a list of K noise fields (the block's source is encoded once).
 
     `source` covers exactly the region; `origin_latent` is its global latent position,
     a multiple of the window stride.
@@ -188,9 +204,23 @@ def generate_block(handle: ModelHandle, source: torch.Tensor, origin_latent: tup
     weight_sum = torch.zeros(hl, wl)
     for w in windows:
         weight_sum[w.y : w.y + w.h, w.x : w.x + w.w] += weight
+    fields = noise if isinstance(noise, list) else [noise]
+    samples = [handle.decode(_sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent, field, config))
+               .clamp(0, 1) for field in fields]
+    return torch.stack(samples) if isinstance(noise, list) else samples[0]
+
+
+def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent, noise: GlobalNoise,
+                   config: StainConfig) -> torch.Tensor:
+    """One latent sample of the block: fused window velocities, integrated from t_start to 1."""
+    hl, wl = weight_sum.shape
     oy, ox = origin_latent
     x = noise.window(oy, ox, hl, wl, step=0)
-    ts = time_grid(config.steps)
+    t_start = 1.0 - config.strength
+    if t_start > 0:
+        # A variation: the source itself, noised to t_start along the same path the model learnt.
+        x = interpolate(prepared.source_latent.cpu()[None], x[None], torch.tensor([t_start]))[0]
+    ts = time_grid(config.steps, t_start)
     for i in range(config.steps):
         t0, dt = float(ts[i]), float(ts[i + 1] - ts[i])
         velocity = torch.zeros_like(x)
@@ -206,7 +236,7 @@ def generate_block(handle: ModelHandle, source: torch.Tensor, origin_latent: tup
             x = sde_step(x, velocity, t0, dt, None if last else noise.window(oy, ox, hl, wl, step=i + 1))
         else:
             x = x + dt * velocity
-    return handle.decode(x).clamp(0, 1)
+    return x
 
 
 def blocks_with_tissue(reader, roi, scale: tuple[float, float], out_h: int, out_w: int, block: int, margin: int) -> set[tuple[int, int]]:
@@ -260,29 +290,36 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         "source": {"path": str(reader.path), "mpp": list(src_mpp), "roi_level0": list(roi)},
         "software": f"napari-mupad {__version__}",
     }
+    origin = output_origin(reader, roi, src_mpp, target_mpp)
     writer = PyramidWriter(
         out_path, (out_h, out_w), handle.out_channels, dtype="uint8", mpp=(target_mpp, target_mpp),
         chunk=config.chunk_px, version=config.version, kind=output_kind(handle),
         channel_names=getattr(handle, "channel_names", None), channel_colors=getattr(handle, "channel_colors", None),
-        provenance=provenance, resume=config.resume, overwrite=config.overwrite,
-        origin=output_origin(reader, roi, src_mpp, target_mpp),
+        provenance=provenance, resume=config.resume, overwrite=config.overwrite, origin=origin,
     )
+    spread = spread_writer(writer, handle, config, provenance, origin) if config.samples > 1 else None
     done = writer.done_tiles()
+    spread_done = spread.done_tiles() if spread is not None else None
     if tissue_blocks is None and config.skip_background and not handle.passthrough:
         tissue_blocks = blocks_with_tissue(reader, roi, scale, out_h, out_w, config.block_px, config.margin_px)
-    noise = GlobalNoise(config.seed, handle.latent_channels)
+    noises = [GlobalNoise(seed, handle.latent_channels) for seed in sample_seeds(config.seed, config.samples)]
     b, m, c, d = config.block_px, config.margin_px, config.chunk_px, handle.downscale
     blocks = [(by, bx, min(b, out_h - by), min(b, out_w - bx)) for by in range(0, out_h, b) for bx in range(0, out_w, b)]
     chunks_of = [[(y, x) for y in range(by, by + bh, c) for x in range(bx, bx + bw, c)] for by, bx, bh, bw in blocks]
-    todo = [block for block, chunks in zip(blocks, chunks_of) if not all(ch in done for ch in chunks)]
+
+    def finished(chunks) -> bool:
+        return all(ch in done for ch in chunks) and (spread is None or all(ch in spread_done for ch in chunks))
+
+    todo = [block for block, chunks in zip(blocks, chunks_of) if not finished(chunks)]
     # Identity output is pure I/O: the next block is read while this one is encoded and written.
     passthrough_reads = ReadAhead(lambda *box: read_passthrough(reader, pmap, *box), todo if handle.passthrough else [])
     with passthrough_reads:
         for n, ((by, bx, bh, bw), chunks) in enumerate(zip(blocks, chunks_of)):
-            if all(ch in done for ch in chunks):
+            if finished(chunks):
                 if progress is not None:
                     progress(n + 1, len(blocks))
                 continue
+            spread_pixels = None
             if handle.passthrough:
                 out = passthrough_reads.next()
             elif tissue_blocks is not None and (by // b, bx // b) not in tissue_blocks:
@@ -293,15 +330,58 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
                 ly0, ly1 = block_region(by // d, -(-bh // d), margin, win, stride)
                 lx0, lx1 = block_region(bx // d, -(-bw // d), margin, win, stride)
                 source = read_source(reader, pmap, ly0 * d, lx0 * d, (ly1 - ly0) * d, (lx1 - lx0) * d)
-                full = generate_block(handle, source, (ly0, lx0), noise, config)
-                pixels = full[:, by - ly0 * d : by - ly0 * d + bh, bx - lx0 * d : bx - lx0 * d + bw]
-                out = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            if not any(ch in done for ch in chunks):
-                writer.write_tile(by, bx, out)  # one call: zarr encodes the chunks together, one progress record
-            else:
-                for y, x in chunks:
-                    if (y, x) not in done:
-                        writer.write_tile(y, x, out[:, y - by : y - by + c, x - bx : x - bx + c])
+                full = generate_block(handle, source, (ly0, lx0), noises, config)
+                pixels = full[..., by - ly0 * d : by - ly0 * d + bh, bx - lx0 * d : bx - lx0 * d + bw]
+                mean, disagreement = mean_and_spread(pixels, one_channel=output_kind(handle) == "rgb")
+                out = to_uint8(mean)
+                if spread is not None:
+                    spread_pixels = to_uint8(disagreement)
+            if spread is not None and spread_pixels is None:  # background or passthrough: nothing varies
+                spread_pixels = np.zeros((spread.shape[0], bh, bw), dtype=np.uint8)
+            write_block(writer, done, by, bx, out, chunks, c)
+            if spread is not None:
+                write_block(spread, spread_done, by, bx, spread_pixels, chunks, c)
             if progress is not None:
                 progress(n + 1, len(blocks))
+    if spread is not None:
+        spread.finalize()  # before the mean: a finished mean store means a finished spread too
     return writer.finalize()
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def write_block(writer: PyramidWriter, done: set, by: int, bx: int, out: np.ndarray, chunks, c: int) -> None:
+    """Write a block's chunks that are not on disk yet (all at once when none is: zarr encodes
+    them together and one progress record is written)."""
+    if not any(ch in done for ch in chunks):
+        writer.write_tile(by, bx, out)
+        return
+    for y, x in chunks:
+        if (y, x) not in done:
+            writer.write_tile(y, x, out[:, y - by : y - by + c, x - bx : x - bx + c])
+
+
+def spread_writer(writer: PyramidWriter, handle: ModelHandle, config: StainConfig, provenance: dict,
+                  origin) -> PyramidWriter | None:
+    """The writer of the per-pixel spread store; None when a resumed run finds it already
+    finished (the crash came between the two finalize() calls)."""
+    path = spread_path(writer.path)
+    names = getattr(handle, "channel_names", None)
+    if output_kind(handle) == "rgb":
+        channel_names, colors = ["spread"], ["FF00FF"]
+    else:
+        count = handle.out_channels
+        channel_names = [f"{name} spread" for name in (names or [f"c{i}" for i in range(count)])]
+        colors = ["FF00FF"] * count
+    if config.resume and path.exists() and not path.with_name(path.name + ".partial").exists():
+        return None
+    return PyramidWriter(
+        path, writer.shape[1:], len(channel_names), dtype="uint8", mpp=writer.mpp, chunk=writer.chunk,
+        version=writer.version, kind="fluorescence", channel_names=channel_names, channel_colors=colors,
+        provenance={**provenance, "statistic": f"per-pixel standard deviation over {config.samples} samples, x2, 0-255",
+                    "spread_of": writer.path.name},
+        resume=config.resume, overwrite=config.overwrite, origin=origin,
+    )
+

@@ -37,6 +37,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from mupad_core.tasks import SLIDE_TASKS, supports_strength
+
 from . import _geometry as geo
 from ._worker import (
     JobControls,
@@ -49,7 +51,7 @@ from ._worker import (
     unique_path,
 )
 
-TASKS = ("he2he", "he2ihc", "he2ihc:ki67", "he2ihc:her2", "he2mif", "ff2ffpe", "identity")
+TASKS = SLIDE_TASKS
 MODELS = ("identity",)  # then the bundled/cached restaining models; any folder or hub id may be typed
 REGIONS = ("Current view", "Drawn rectangles", "Whole slide")
 DEVICES = ("auto", "cpu", "cuda")
@@ -157,6 +159,7 @@ class StainWidget(JobControls, QWidget):
         self._events = SerialEvents(lambda exc: show_error(f"MUPAD stain: {short_error(exc)}"))
         # Engine settings the form does not show (tests and power users may change them).
         self.engine_options: dict = {"batch_size": 8}
+        self._engine: dict = {}  # the settings of the run in progress
 
         self.source_combo = QComboBox()
         self.task_combo = QComboBox()
@@ -183,6 +186,17 @@ class StainWidget(JobControls, QWidget):
         self.mpp_spin.setToolTip("output pixel size in µm; 'source' keeps the slide's; a model's own is set when chosen")
         self.seed_spin = QSpinBox()
         self.seed_spin.setRange(0, 2**31 - 1)
+        self.samples_spin = QSpinBox()
+        self.samples_spin.setRange(1, 64)
+        self.samples_spin.setToolTip("average this many samples (each its own noise seed); above 1 a 'spread' layer "
+                                     "shows where they disagree: where the model is unsure")
+        self.strength_spin = QDoubleSpinBox()
+        self.strength_spin.setDecimals(2)
+        self.strength_spin.setRange(0.05, 1.0)
+        self.strength_spin.setSingleStep(0.05)
+        self.strength_spin.setValue(1.0)
+        self.strength_spin.setToolTip("he2he / ff2ffpe: 1 starts from noise; smaller starts nearer the source "
+                                      "and keeps more of its architecture")
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         self.output_edit = QLineEdit(str(default_output_dir()))
@@ -209,6 +223,8 @@ class StainWidget(JobControls, QWidget):
         form.addRow("ROI shapes", self.shapes_combo)
         form.addRow("Steps", self.steps_spin)
         form.addRow("Seed", self.seed_spin)
+        form.addRow("Samples", self.samples_spin)
+        form.addRow("Strength", self.strength_spin)
         form.addRow("Output µm/px", self.mpp_spin)
         form.addRow("Device", self.device_combo)
         out_row = QHBoxLayout()
@@ -234,6 +250,7 @@ class StainWidget(JobControls, QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.region_combo.currentTextChanged.connect(self._update_enabled)
+        self.task_combo.currentTextChanged.connect(self._update_enabled)
         self._model_pipeline: dict = {}
         self.model_combo.currentTextChanged.connect(self._model_changed)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
@@ -260,6 +277,7 @@ class StainWidget(JobControls, QWidget):
 
     def _update_enabled(self, *_) -> None:
         self.shapes_combo.setEnabled(self.region_combo.currentText() == "Drawn rectangles")
+        self.strength_spin.setEnabled(supports_strength(self.task_combo.currentText()))
 
     def _model_changed(self, text: str) -> None:
         """A bundled or local model: take its task, output pixel size and window from its pipeline file.
@@ -362,11 +380,14 @@ class StainWidget(JobControls, QWidget):
         for job in self.jobs:
             job.out_mpp = target or self._src_mpp
         self._cancel = threading.Event()
-        engine = {"steps": self.steps_spin.value(), "seed": self.seed_spin.value(), "target_mpp": target}
+        engine = {"steps": self.steps_spin.value(), "seed": self.seed_spin.value(), "target_mpp": target,
+                  "samples": self.samples_spin.value(),
+                  "strength": self.strength_spin.value() if supports_strength(task) else 1.0}
         window = self._model_pipeline.get("window_px")
         if window:  # the tile size the model was trained on (as `mupad demo` runs it)
             engine.update(window_px=int(window), overlap_px=int(window) // 4, margin_px=int(window))
         engine.update(self.engine_options)
+        self._engine = engine
         # The pixel size the layer records (the file's, or the one given when it was opened);
         # none recorded: open_slide refuses the slide rather than guessing one.
         slide_mpp = self._src_mpp if source.metadata.get("mpp") is not None else None
@@ -487,6 +508,7 @@ class StainWidget(JobControls, QWidget):
 
     def _on_job_done(self, index: int, path: str) -> None:
         """Swap the preview for the finished store, opened by the plugin's own reader."""
+        from mupad_core.store import spread_path
         from napari_mupad._reader import read_slide
 
         job = self.jobs[index]
@@ -498,6 +520,12 @@ class StainWidget(JobControls, QWidget):
         except Exception as exc:
             show_error(f"MUPAD: finished {path} but cannot open it: {short_error(exc)}")
             return
+        spread = spread_path(path)
+        if self._engine.get("samples", 1) > 1 and spread.is_dir():
+            try:
+                tuples += read_slide(str(spread))  # the per-pixel spread of the samples: its own overlay
+            except Exception as exc:
+                show_warning(f"MUPAD: cannot open the spread {spread}: {short_error(exc)}")
         place = self._placement(job, job.out_mpp)
         layers = []
         for data, meta, _kind in tuples:
