@@ -245,6 +245,41 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_translate(args) -> int:
+    from .generate.engine import output_origin
+    from .generate.roi import load_generator
+    from .generate.translate import TranslateSettings, translate_region
+    from .slide.readers import open_slide
+    from .store import PyramidWriter
+
+    settings = TranslateSettings(source_prompt=args.source_prompt, target_prompt=args.target_prompt, steps=args.steps,
+                                 guidance=args.guidance, inject_steps=args.inject_steps, inject=args.inject)
+    settings.check()
+    gen = load_generator(args.model, device=_resolve_device(args.device))
+    with open_slide(args.image, mpp=args.mpp, require_mpp=False) as reader:
+        width0, height0 = reader.dimensions
+        roi = tuple(args.roi) if args.roi else (0, 0, width0, height0)
+        x, y, w, h = roi
+        if w * h > args.max_pixels:
+            raise ValueError(f"{reader.path.name}: region {w} x {h} px is larger than --max-pixels {args.max_pixels}; "
+                             "translate a smaller --roi")
+        pixels = reader.read_region(0, x, y, w, h)
+        mpp = reader.level_mpp(0) if reader.mpp is not None else None
+        origin = output_origin(reader, roi, mpp, mpp[0]) if mpp is not None else None
+        source = {"path": str(reader.path), "roi_level0": list(roi)}
+    bar, progress = _progress_bar("translate", args.quiet)
+    result = translate_region(gen, pixels, settings, progress=progress)
+    bar.close()
+    provenance = {"model_id": gen.model_id, "weights_hash": gen.weights_hash, "task": args.task,
+                  "translate": {k: v for k, v in vars(settings).items()}, "source": source,
+                  "network_passes": result.network_passes}
+    writer = PyramidWriter(args.out, (h, w), 3, mpp=mpp, provenance=provenance, overwrite=args.overwrite,
+                           origin=origin)
+    writer.write_tile(0, 0, (result.pixels.clamp(0, 1) * 255).round().byte().numpy())
+    print(writer.finalize())
+    return 0
+
+
 def _cmd_version(args) -> int:
     import torch
 
@@ -361,6 +396,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_sampling_args(gen)
     gen.set_defaults(func=_cmd_generate)
+
+    tr = sub.add_parser("translate", help="translate a region to another domain by inversion + self-attention "
+                                          "injection (ff2ffpe: fresh frozen -> FFPE) into an OME-Zarr")
+    tr.add_argument("image", help="slide or image file")
+    tr.add_argument("-o", "--out", required=True, help="output .ome.zarr path")
+    tr.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"), help="level-0 pixels (default: all)")
+    tr.add_argument("--model", required=True, help="text-conditioned model trained on both domains")
+    tr.add_argument("--task", default="ff2ffpe", help="recorded in the provenance (default ff2ffpe)")
+    tr.add_argument("--source-prompt", default="fresh frozen")
+    tr.add_argument("--target-prompt", default="ffpe image")
+    tr.add_argument("--inject-steps", type=float, default=0.6,
+                    help="fraction of the steps (from the noise end) with self-attention injection: "
+                         "higher keeps more of the section's structure (default 0.6)")
+    tr.add_argument("--inject", choices=("maps", "features"), default="maps",
+                    help="inject the reconstruction's attention maps (the paper) or its attention outputs")
+    tr.add_argument("--mpp", type=float, help="pixel size (µm/px) when the file has none")
+    tr.add_argument("--max-pixels", type=int, default=4096 * 4096, help="refuse larger regions (default 4096²)")
+    tr.add_argument("--overwrite", action="store_true")
+    _add_sampling_args(tr)
+    tr.set_defaults(func=_cmd_translate, steps=50)
 
     aug = sub.add_parser("augment", help="N generated variations per image of a class-folder data set, "
                                          "into a new class-folder data set (few-shot training)")
