@@ -380,3 +380,43 @@ def test_samples_give_the_mean_and_a_spread_layer_over_the_same_rectangle(slide_
     assert np.abs(np.asarray(spread.data).astype(float) - expected_spread).max() <= 1
     assert np.asarray(spread.data).max() > 0
     assert mean.metadata["mupad"]["sample_seeds"] == sample_seeds(11, 3)
+
+
+def test_translate_region_returns_the_section_under_the_same_prompt(slide_viewer, qtbot, tmp_path):
+    """ff2ffpe in the viewer: the section under the rectangle is inverted and resampled; with
+    the same prompt both ways and no guidance it comes back (inversion exact enough), placed
+    exactly on the rectangle."""
+    from helpers import randomize
+
+    from mupad_core.models.checkpoint import save_model
+    from mupad_core.models.sit import MupadSiT
+
+    model = MupadSiT(in_channels=12, hidden_size=48, depth=2, num_heads=2, condition_dims={"text": 384})
+    randomize(model, seed=3, std=0.05)
+    folder = save_model(model, tmp_path / "ff2ffpe", pipeline={
+        "vae": "pixel-unshuffle:2", "tasks": ["ff2ffpe"], "window_px": 64, "encoders": {"text": {"name": "minilm"}}})
+    viewer = slide_viewer
+    slide = viewer.layers[0]
+    mpp = float(slide.scale[-1])
+    y0, x0 = 1760 * mpp, 1200 * mpp  # corners on pixel edges: the rectangle is whole slide pixels
+    rect = np.array([[y0 - mpp / 2, x0 - mpp / 2], [y0 + 40 * mpp - mpp / 2, x0 + 48 * mpp - mpp / 2]])
+    viewer.add_shapes([rect], shape_type="rectangle", name="rois", units=slide.units)
+    widget = _widget(viewer, qtbot)
+    widget.model_combo.setCurrentText(str(folder))
+    widget.condition_combo.setCurrentText("Translate region (FF→FFPE)")
+    widget.translate_source_combo.setCurrentText(slide.name)
+    widget.source_prompt_edit.setText("fresh frozen")
+    widget.target_prompt_edit.setText("fresh frozen")
+    widget.inject_spin.setValue(0.0)
+    widget.steps_spin.setValue(8)
+    _run(widget, qtbot)
+    (job,) = widget.jobs
+    assert job.status == "done", widget.status_label.text()
+    layer = job.layer
+    assert layer.name.startswith("translated") and job.shape == (40, 48)
+    section = np.asarray(slide.data[0][1760:1800, 1200:1248])
+    assert np.abs(np.asarray(layer.data).astype(int) - section).max() <= 1
+    edges = layer.extent.world + np.array([-0.5, 0.5])[:, None] * np.asarray(layer.scale)
+    np.testing.assert_allclose(edges, rect[[0, 1]], atol=1e-4)
+    condition = layer.metadata["mupad"]["condition"]
+    assert condition["kind"] == "translate" and condition["section"] == slide.name
