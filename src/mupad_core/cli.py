@@ -280,6 +280,27 @@ def _cmd_translate(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .evaluate.report import evaluate_sets, load_set, write_report
+
+    def named(spec: str):
+        name, _, path = spec.rpartition("=")
+        return load_set(path, name or None, tile=args.tile, max_tiles=args.max_tiles)
+
+    prediction = load_set(args.pred, args.pred_name, tile=args.tile, max_tiles=args.max_tiles)
+    reference = load_set(args.ref, args.ref_name, tile=args.tile, max_tiles=args.max_tiles)
+    baselines = [named(spec) for spec in args.baseline or []]
+    results = evaluate_sets(prediction, reference, baselines, features=args.features, resamples=args.resamples,
+                            seed=args.seed, device=_resolve_device(args.device))
+    report = write_report(results, args.out, prediction, reference, baselines)
+    for entry in results["sets"]:
+        fid_, kid_ = entry["fid"], entry["kid"]
+        print(f"{entry['name']}: FID {fid_['value']:.2f} [{fid_['low']:.2f}, {fid_['high']:.2f}]  "
+              f"KID {kid_['value']:.4f} [{kid_['low']:.4f}, {kid_['high']:.4f}]")
+    print(report)
+    return 0
+
+
 def _cmd_version(args) -> int:
     import torch
 
@@ -416,6 +437,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true")
     _add_sampling_args(tr)
     tr.set_defaults(func=_cmd_translate, steps=50)
+
+    ev = sub.add_parser("eval", help="generated images against references (and baselines): FID/KID with 95% "
+                                     "intervals, paired PSNR/SSIM/PCC; JSON + Markdown report with plots")
+    ev.add_argument("--pred", required=True, help="predictions: folder of images, OME-Zarr or slide")
+    ev.add_argument("--ref", required=True, help="references: folder of images, OME-Zarr or slide")
+    ev.add_argument("--baseline", action="append", metavar="NAME=PATH", help="a baseline's outputs (repeatable)")
+    ev.add_argument("--pred-name", help="name in the report (default: the folder name)")
+    ev.add_argument("--ref-name", help="name in the report (default: the folder name)")
+    ev.add_argument("-o", "--out", required=True, help="report folder: report.md, report.json, plots")
+    ev.add_argument("--features", default="inception",
+                    help="embedding: inception (FID's InceptionV3, default) or an image encoder (UNI, folder, hub id)")
+    ev.add_argument("--tile", type=int, default=256, help="tile size for stores and slides (default 256)")
+    ev.add_argument("--max-tiles", type=int, default=2000)
+    ev.add_argument("--resamples", type=int, default=200, help="subsampling draws for the intervals")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ev.set_defaults(func=_cmd_eval)
 
     aug = sub.add_parser("augment", help="N generated variations per image of a class-folder data set, "
                                          "into a new class-folder data set (few-shot training)")
