@@ -48,3 +48,14 @@ def load_he_tiles(shared_data: Path, size: int = 32, crop: int = 256) -> torch.T
         im = im.crop((0, 0, crop, crop)).resize((size, size), Image.BILINEAR)
         tiles.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255)
     return torch.stack(tiles)
+
+
+def settle_canvas(viewer, qtbot) -> None:
+    """Let the window lay out its dock widgets: the canvas size must be final before screenshots."""
+    sizes = []
+
+    def stable():
+        sizes.append(tuple(viewer.canvas.size))
+        return len(sizes) >= 3 and sizes[-1] == sizes[-2] == sizes[-3]
+
+    qtbot.waitUntil(stable, timeout=5000)

@@ -75,15 +75,7 @@ def _widget(viewer, tmp_path, qtbot, **engine):
     return widget
 
 
-def _settle(viewer, qtbot):
-    """Let the window lay out the new dock widget: the canvas size must be final before screenshots."""
-    sizes = []
-
-    def stable():
-        sizes.append(tuple(viewer.canvas.size))
-        return len(sizes) >= 3 and sizes[-1] == sizes[-2] == sizes[-3]
-
-    qtbot.waitUntil(stable, timeout=5000)
+from helpers import settle_canvas as _settle  # noqa: E402
 
 
 def _draw_roi(viewer, source, roi, name="rois"):
@@ -120,6 +112,22 @@ def _canvas_box(viewer, top_left_world, bottom_right_world, shot_shape):
     tl = ((np.asarray(top_left_world) - center) * zoom + size / 2) * ratio
     br = ((np.asarray(bottom_right_world) - center) * zoom + size / 2) * ratio
     return int(round(tl[0])), int(round(tl[1])), int(round(br[0])), int(round(br[1]))
+
+
+def _assert_changed_only_inside(viewer, shown, hidden, roi, mpp, inside: float) -> tuple[int, int, int, int]:
+    """The two screenshots differ inside the ROI's box (at least `inside` of its pixels) and
+    nowhere outside it (2 screen px of slack at the edges); returns the box."""
+    x, y, w, h = roi
+    assert shown.shape == hidden.shape
+    changed = np.abs(shown - hidden).sum(-1) > 0
+    r0, c0, r1, c1 = _canvas_box(viewer, ((y - 0.5) * mpp, (x - 0.5) * mpp),
+                                 ((y + h - 0.5) * mpp, (x + w - 0.5) * mpp), shown.shape)
+    assert 0 < r0 < r1 < changed.shape[0] and 0 < c0 < c1 < changed.shape[1]
+    outside = np.ones_like(changed)
+    outside[max(r0 - 2, 0) : r1 + 2, max(c0 - 2, 0) : c1 + 2] = False
+    assert not changed[outside].any(), "the overlay changed the screen outside its ROI"
+    assert changed[r0 + 2 : r1 - 2, c0 + 2 : c1 - 2].mean() > inside, "the overlay is not drawn over its ROI"
+    return r0, c0, r1, c1
 
 
 # -- tests ------------------------------------------------------------------------------
@@ -217,14 +225,7 @@ def test_tiny_sit_overlay_streams_in_and_changes_the_screen_only_where_it_lies(s
     hidden = _shot(viewer)
     overlay.visible = True
     assert after.shape == hidden.shape
-    changed = np.abs(after - hidden).sum(-1) > 0
-    r0, c0, r1, c1 = _canvas_box(viewer, ((y - 0.5) * mpp, (x - 0.5) * mpp),
-                                 ((y + h - 0.5) * mpp, (x + w - 0.5) * mpp), after.shape)
-    assert 0 < r0 < r1 < after.shape[0] and 0 < c0 < c1 < after.shape[1]
-    outside = np.ones_like(changed)
-    outside[max(r0 - 2, 0) : r1 + 2, max(c0 - 2, 0) : c1 + 2] = False
-    assert not changed[outside].any(), "the overlay changed the screen outside its ROI"
-    assert changed[r0 + 2 : r1 - 2, c0 + 2 : c1 - 2].mean() > 0.9, "the overlay is not drawn over its ROI"
+    _assert_changed_only_inside(viewer, after, hidden, ROI, mpp, inside=0.9)
 
     from PIL import Image as PILImage
 
@@ -607,14 +608,7 @@ def test_bundled_he2mif_model_gives_named_marker_layers(slide_viewer, tmp_path, 
     for layer in job.layers:
         layer.visible = False
     he_only = _shot(viewer)
-    changed = np.abs(with_markers - he_only).sum(-1) > 0
-    r0, c0, r1, c1 = _canvas_box(viewer, ((y - 0.5) * mpp, (x - 0.5) * mpp),
-                                 ((y + h - 0.5) * mpp, (x + w - 0.5) * mpp), with_markers.shape)
-    assert 0 < r0 < r1 < changed.shape[0] and 0 < c0 < c1 < changed.shape[1]
-    outside = np.ones_like(changed)
-    outside[max(r0 - 2, 0) : r1 + 2, max(c0 - 2, 0) : c1 + 2] = False
-    assert not changed[outside].any(), "the marker layers changed the screen outside their ROI"
-    assert changed[r0 + 2 : r1 - 2, c0 + 2 : c1 - 2].mean() > 0.5, "the marker layers are not drawn over the ROI"
+    r0, c0, r1, c1 = _assert_changed_only_inside(viewer, with_markers, he_only, roi, mpp, inside=0.5)
     for layer in job.layers:
         layer.visible = True
     source.visible = False

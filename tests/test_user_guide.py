@@ -20,14 +20,7 @@ IMAGES = REPO / "docs" / "images"
 PLUGIN = "napari-mupad"
 
 
-def _settle(viewer, qtbot):
-    sizes = []
-
-    def stable():
-        sizes.append(tuple(viewer.canvas.size))
-        return len(sizes) >= 3 and sizes[-1] == sizes[-2] == sizes[-3]
-
-    qtbot.waitUntil(stable, timeout=5000)
+from helpers import settle_canvas as _settle  # noqa: E402
 
 
 def _canvas(viewer) -> np.ndarray:
