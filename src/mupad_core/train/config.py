@@ -34,7 +34,7 @@ import yaml
 
 from ..transport.loss import LossConfig
 
-TASKS = ("he2he", "text2he", "rna2he", "he2ihc", "he2mif", "ff2ffpe", "image2image")
+TASKS = ("he2he", "text2he", "rna2he", "he2ihc", "he2mif", "ff2ffpe", "image2image", "vae")
 MODALITIES = ("image", "text", "rna")
 
 
@@ -178,6 +178,8 @@ def check_config(config: RunConfig, source: str) -> None:
             bad("conditions", f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
         if not isinstance(spec, dict):
             bad(f"conditions.{modality}", "expected a mapping such as {encoder: builtin}")
+    if config.task == "vae" and (config.conditions or config.template):
+        bad("conditions", "task vae trains a latent codec: it takes no conditions and no template")
     if "rna" in config.conditions and "table" not in config.conditions["rna"]:
         bad("conditions.rna", "needs `table:` (an expression CSV/TSV or .h5ad whose sample ids the data rows name)")
     t = config.train

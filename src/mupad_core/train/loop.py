@@ -56,7 +56,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, config: TrainConfig, extra_modules: Iterable[nn.Module] = (),
                  share: tuple[int, int] = (0, 1), autocast: torch.dtype | None = None,
-                 sync_grads: Callable[[], None] | None = None):
+                 sync_grads: Callable[[], None] | None = None,
+                 loss_fn: Callable[[nn.Module, Batch, torch.Generator], object] | None = None):
         self.model = model
         self.module = getattr(model, "module", model)  # the bare network under a DDP wrapper
         self.config = config
@@ -64,6 +65,7 @@ class Trainer:
         self.share = share
         self.autocast = autocast
         self.sync_grads = sync_grads  # called after backward (e.g. all-reduce of modules outside DDP)
+        self.loss_fn = loss_fn  # another objective (a VAE's); default: the MUPAD flow loss
         params = [p for m in [self.module, *self.extra_modules] for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -90,7 +92,7 @@ class Trainer:
         batch = make_batch(self.step, self.generator)
         device_type = batch.latents.device.type
         with torch.autocast(device_type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            terms = training_loss(
+            terms = self.loss_fn(self.model, batch, self.generator) if self.loss_fn is not None else training_loss(
                 self.model,
                 batch.latents,
                 batch.conditions,

@@ -42,6 +42,7 @@ from ..models.vae import load_vae
 from .config import ConfigError, RunConfig
 from .datasets import collate_items
 from .loop import Batch, TrainConfig, Trainer
+from .vae import build_vae, calibrate_scaling, kl_weight, vae_loss
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -243,10 +244,11 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
                                       "software": f"napari-mupad {__version__}"}, indent=2, default=str))
     _barrier(process)
 
-    codec = load_vae(config.vae, device=process.device)
+    training_vae = config.task == "vae"
+    codec = UnitRange() if training_vae else load_vae(config.vae, device=process.device)
     dataset = build_dataset(config)
     encoders, rna_scores = build_encoders(config, process.device)
-    model = build_model(config, codec, encoders).to(process.device)
+    model = (build_vae(config) if training_vae else build_model(config, codec, encoders)).to(process.device)
     trainable_encoders = [e for e in encoders.values() if any(p.requires_grad for p in e.parameters())]
     net = model
     if process.world > 1:
@@ -264,6 +266,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         share=(process.rank, process.world),
         autocast=_precision(config, process.device),
         sync_grads=(lambda: _average_grads(trainable_encoders, process)) if process.world > 1 else None,
+        loss_fn=(lambda net_, batch, gen: vae_loss(net_, batch.latents, kl_weight(config), gen)) if training_vae else None,
     )
     resumed_from = 0
     history: list[dict[str, float]] = []
@@ -296,7 +299,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
             elapsed = time.perf_counter() - window_start
             record["images_per_s"] = window_images / max(elapsed, 1e-9)
             record["elapsed_s"] = previous_seconds + time.perf_counter() - start
-            if process.device.type == "cuda":
+            if process.device.type == "cuda" and not training_vae:
                 record["tflops"] = _training_tflops(model, make_batch, record["images_per_s"])
             window_start, window_images = time.perf_counter(), 0
             history.append(record)
@@ -319,7 +322,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
     if process.main:
         plot_loss(run_dir)
         if finished:
-            model_dir = export_model(run_dir / "model", trainer, encoders, config, codec)
+            model_dir = (export_vae(run_dir / "model", trainer, config, make_batch) if training_vae
+                         else export_model(run_dir / "model", trainer, encoders, config, codec))
             log(f"wrote {model_dir}")
     _barrier(process)
     return RunResult(run_dir, last, model_dir, history, resumed_from)
@@ -445,6 +449,40 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     return folder
+
+
+class UnitRange:
+    """The 'codec' of a VAE run: images in [0, 1] to the [-1, 1] the autoencoder learns on."""
+
+    latent_channels = 3
+    downscale = 1
+
+    def encode(self, images, generator=None):
+        return images * 2 - 1
+
+
+def export_vae(folder: Path, trainer: Trainer, config: RunConfig, make_batch) -> Path:
+    """The averaged AutoencoderKL as a diffusers folder, its scaling factor calibrated on a batch."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model = trainer.averaged_model().eval()
+    batch = make_batch(0, torch.Generator().manual_seed(config.seed))
+    scale = calibrate_scaling(model, batch.latents)
+    pipeline = {"vae": "self", "kind": "vae", "tasks": ["vae"], "scaling_factor": scale,
+                "window_px": config.data.patch_px if config.data.kind == "slides" else (config.data.crop_px or 256),
+                "mpp": config.data.mpp, "trained_steps": trainer.step, "config_fingerprint": config.fingerprint()}
+    save_model(model, partial, pipeline=pipeline, card=VAE_CARD.format(name=config.name, steps=trainer.step,
+                                                                      software=__version__))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    return folder
+
+
+VAE_CARD = """# {name}
+
+A diffusers AutoencoderKL trained by napari-mupad's `mupad train` (task vae) for {steps} steps
+({software}). Use it as the latent codec of a denoiser config: `vae: <this folder>`.
+"""
 
 
 def _rna_method() -> str:
