@@ -23,7 +23,8 @@ from .metrics import patch_pearson, pearson, psnr
 
 
 def evaluate_heldout(model: str | Path, manifest: str | Path, task: str, mpp: float, *, split: str = "val",
-                     steps: int = 20, seed: int = 0, window_px: int | None = None, keep: Path | None = None) -> dict:
+                     steps: int = 20, seed: int = 0, window_px: int | None = None, keep: Path | None = None,
+                     method: str = "euler") -> dict:
     """Mean metrics over the `split` rows of `manifest`, per channel and overall; windows of
     the size the model was trained on unless `window_px` says otherwise."""
     from ..models.checkpoint import read_pipeline
@@ -42,13 +43,16 @@ def evaluate_heldout(model: str | Path, manifest: str | Path, task: str, mpp: fl
             source_path = Path(manifest).parent / row["source"]
             reference = (read_image(Path(manifest).parent / row["target"], "native") * 255).round()
             with open_slide(source_path, mpp=mpp) as reader:
-                config = StainConfig(task=task, steps=steps, seed=seed, window_px=window_px, overlap_px=overlap_px,
+                config = StainConfig(task=task, steps=steps, seed=seed, method=method, window_px=window_px,
+                                     overlap_px=overlap_px,
                                      margin_px=window_px, block_px=1024, skip_background=False, overwrite=True)
                 store = run_stain(reader, handle, out_dir / f"{split}_{n}.ome.zarr", config)
             generated = zarr.open_group(str(store), mode="r")["0"][:].transpose(1, 2, 0).astype(np.float64)
             results.append({"psnr": psnr(generated, reference), "pcc": pearson(generated, reference),
                             "patch_pcc": patch_pearson(generated, reference)})
     summary = {"split": split, "images": len(results), "steps": steps, "seed": seed, "channels": names}
+    if method != "euler":
+        summary["method"] = method
     for key in ("psnr", "pcc", "patch_pcc"):
         per_channel = np.nanmean(np.stack([r[key] for r in results]), axis=0)
         summary[key] = {name: round(float(v), 4) for name, v in zip(names, per_channel)}

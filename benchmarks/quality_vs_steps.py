@@ -1,0 +1,58 @@
+"""Held-out quality against network passes per tile: how few sampling steps are enough.
+
+    python benchmarks/quality_vs_steps.py [--model demo-he2ihc] [--steps 1 2 4 8 16 32 64 250]
+
+Runs a bundled restaining model over its held-out data (BIRL for demo-he2ihc, DeepLIIF for
+demo-he2mif; prepared by `python -m mupad_core.demo_data --shared ../shared/data --out
+runs/demo-data`) through the whole-slide engine with Euler (one pass per step) and SDE
+sampling at each step count, and prints PSNR, pixel PCC, 8-px patch PCC and seconds. The last
+line is the headline `patch_pcc_8_over_250: R` (Euler, 8 passes per tile against 250).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from mupad_core.evaluate.heldout import evaluate_heldout
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = {"demo-he2ihc": ("he2ihc", "runs/demo-data/birl/manifest.csv", 4.6),
+        "demo-he2mif": ("he2mif", "runs/demo-data/deepliif/manifest.csv", 0.25)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo-he2ihc", choices=sorted(DATA))
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 250])
+    parser.add_argument("--methods", nargs="+", default=["euler", "sde"])
+    args = parser.parse_args()
+    task, manifest, mpp = DATA[args.model]
+    manifest = REPO / manifest
+    if not manifest.is_file():
+        raise SystemExit(f"{manifest}: no held-out data; run python -m mupad_core.demo_data first")
+    print(f"# {args.model} held-out, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| sampler | passes per tile | PSNR (dB) | pixel PCC | 8-px patch PCC | seconds |")
+    print("|---|---|---|---|---|---|")
+    found = {}
+    for method in args.methods:
+        for steps in args.steps:
+            start = time.perf_counter()
+            result = evaluate_heldout(args.model, manifest, task, mpp, steps=steps, method=method)
+            seconds = time.perf_counter() - start
+            found[(method, steps)] = result
+            print(f"| {method} | {steps} | {result['psnr_mean']:.2f} | {result['pcc_mean']:.3f} | "
+                  f"{result['patch_pcc_mean']:.3f} | {seconds:.1f} |", flush=True)
+    low, high = found.get(("euler", 8)), found.get(("euler", max(args.steps)))
+    if low and high:
+        print(f"patch_pcc_8_over_{max(args.steps)}: {low['patch_pcc_mean'] / high['patch_pcc_mean']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
