@@ -26,11 +26,37 @@ DATA = {"demo-he2ihc": ("he2ihc", "runs/demo-data/birl/manifest.csv", 4.6),
         "demo-he2mif": ("he2mif", "runs/demo-data/deepliif/manifest.csv", 0.25)}
 
 
+def plot_curve(rows: list[tuple[str, int, float]], path: Path, title: str) -> None:
+    """8-px patch PCC against passes per tile (log axis), one line per sampler."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    for method in dict.fromkeys(m for m, _, _ in rows):
+        points = sorted((steps, value) for m, steps, value in rows if m == method)
+        ax.plot([s for s, _ in points], [v for _, v in points], "-o", label=method)
+    best = max(v for m, s, v in rows if m == "euler" and s == max(x for mm, x, _ in rows if mm == "euler"))
+    ax.axhline(0.95 * best, color="grey", ls=":", label="95 % of Euler at the most steps")
+    ax.axvline(8, color="grey", ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("network passes per tile")
+    ax.set_ylabel("held-out 8-px patch PCC")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo-he2ihc", choices=sorted(DATA))
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 250])
     parser.add_argument("--methods", nargs="+", default=["euler", "sde"])
+    parser.add_argument("--plot", default=str(REPO / "docs" / "images" / "quality-vs-steps.png"))
     args = parser.parse_args()
     task, manifest, mpp = DATA[args.model]
     manifest = REPO / manifest
@@ -49,6 +75,8 @@ def main() -> None:
             found[(method, steps)] = result
             print(f"| {method} | {steps} | {result['psnr_mean']:.2f} | {result['pcc_mean']:.3f} | "
                   f"{result['patch_pcc_mean']:.3f} | {seconds:.1f} |", flush=True)
+    plot_curve([(m, n, r["patch_pcc_mean"]) for (m, n), r in found.items()], Path(args.plot),
+               f"{args.model} on its held-out data")
     low, high = found.get(("euler", 8)), found.get(("euler", max(args.steps)))
     if low and high:
         print(f"patch_pcc_8_over_{max(args.steps)}: {low['patch_pcc_mean'] / high['patch_pcc_mean']:.3f}")

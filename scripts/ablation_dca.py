@@ -20,7 +20,9 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +50,10 @@ def evaluate_checkpoints(run_dir: Path, manifest: str) -> list[dict]:
     for checkpoint in sorted((run_dir / "checkpoints").glob("step_*")):
         model = checkpoint / "model"
         shutil.copy(pipeline, model / pipeline.name)  # same codec and encoders; only the weights differ
+        # The trainable image encoder's weights of that step live in the trainer state.
+        state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
+        save_file({k: v.contiguous() for k, v in state["extra_modules"][0].items()},
+                  str(model / "image_encoder.safetensors"))
         losses = heldout_denoising_loss(model, manifest, crop_px=64)
         rows.append({"step": int(checkpoint.name.split("_")[1]), "weights": "live", **losses})
     losses = heldout_denoising_loss(run_dir / "model", manifest, crop_px=64)
@@ -55,11 +61,36 @@ def evaluate_checkpoints(run_dir: Path, manifest: str) -> list[dict]:
     return rows
 
 
+def plot(results: dict, path: Path) -> None:
+    """Held-out loss against training steps, with and without the conditions, per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for (kind, result), color in zip(results.items(), ("#1f77b4", "#d62728")):
+        rows = [r for r in result["rows"] if r["weights"] == "live"]
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["conditional"] for r in rows], "-o", color=color, label=f"{kind}: with conditions")
+        ax.plot(steps, [r["unconditional"] for r in rows], "--", color=color, alpha=0.6, label=f"{kind}: without")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out velocity loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("Decoupled vs shared cross-attention (demo scale)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--out", default=str(REPO / "runs" / "ablation-dca"))
+    parser.add_argument("--plot", default=str(REPO / "docs" / "images" / "ablation-dca.png"))
     args = parser.parse_args()
     from mupad_core.models.checkpoint import load_model
     from mupad_core.train.config import load_config
@@ -81,6 +112,7 @@ def main() -> None:
             gap = row["unconditional"] - row["conditional"]
             print(f"| {kind} | {result['params'] / 1e6:.2f} M | {row['step']} | {row['weights']} | "
                   f"{row['conditional']:.4f} | {row['unconditional']:.4f} | {gap:+.4f} |")
+    plot(results, Path(args.plot))
     final = {kind: result["rows"][-1]["conditional"] for kind, result in results.items()}
     print(f"shared_minus_decoupled_heldout_loss: {final['shared'] - final['decoupled']:+.4f}")
 
