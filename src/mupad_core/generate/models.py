@@ -12,7 +12,7 @@ owns tiling, noise, fusion and writing; the handle only knows its network:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -52,6 +52,7 @@ class IdentityHandle:
 @dataclass
 class PreparedBlock:
     source_latent: torch.Tensor  # (C, h, w) spatial template for the whole block
+    predictions: dict = field(default_factory=dict)  # one-pass models: window (y, x) -> prediction
 
 
 class SiTImageToImageHandle:
@@ -123,6 +124,40 @@ class DisagreeingWindowsHandle(SiTImageToImageHandle):
         return (target - x) / (1 - t)
 
 
+class OnePassHandle(SiTImageToImageHandle):
+    """A one-pass baseline (pix2pix-style U-Net) driven by the same engine.
+
+    Its velocity (prediction - x) / (1 - t) makes any Euler run end exactly on the fused
+    predictions of the windows, so seams, blocks, resume and the store are the diffusion
+    models' own; each window is predicted once per block (cached), whatever the step count.
+    """
+
+    def __init__(self, model, codec, model_id: str, weights_hash: str, device="cpu", dtype=torch.float32):
+        self.model = model.to(device).eval()
+        self.codec = codec
+        self.model_id, self.weights_hash = model_id, weights_hash
+        self.device, self.dtype = torch.device(device), dtype
+        self.latent_channels = model.config.out_channels
+        self.downscale = codec.downscale
+        self.out_channels = getattr(codec, "image_channels", 3)
+        self.channel_names = self.channel_colors = None
+
+    def prepare(self, source: torch.Tensor) -> PreparedBlock:
+        return PreparedBlock(source_latent=self.codec.encode(source.to(self.device)[None])[0])
+
+    @torch.no_grad()
+    def window_velocity(self, x, t, prepared: PreparedBlock, windows):
+        from ..models.baselines import predict
+
+        missing = [w for w in windows if (w.y, w.x) not in prepared.predictions]
+        if missing:
+            crops = torch.stack([prepared.source_latent[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in missing])
+            for w, p in zip(missing, predict(self.model, crops).float().cpu()):
+                prepared.predictions[(w.y, w.x)] = p
+        target = torch.stack([prepared.predictions[(w.y, w.x)] for w in windows])
+        return (target - x) / max(1.0 - float(t), 1e-6)
+
+
 def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     """`identity`, or a MUPAD checkpoint (bundled id, folder or hub id) with a spatial-template input."""
     if spec == "identity":
@@ -137,6 +172,9 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     if tasks and task not in tasks:
         raise ValueError(f"{folder}: model is trained for {', '.join(tasks)}, not {task!r}")
     model = load_model(folder)
+    if pipeline.get("kind") == "pix2pix":
+        return OnePassHandle(model, load_vae(pipeline["vae"], device=device), str(spec), weights_sha256(folder),
+                             device=device)
     if model.config.cls_dim or model.config.condition_dims:
         # Refused before any output exists, rather than failing (or silently running
         # unconditional) in the middle of a slide.

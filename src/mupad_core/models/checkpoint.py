@@ -18,7 +18,14 @@ from safetensors.torch import load_file
 
 from .sit import MupadSiT
 
-MODEL_CLASSES = {"MupadSiT": MupadSiT}
+def _unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel
+
+
+# Classes a MUPAD checkpoint folder may hold: the denoiser, and the one-pass baseline.
+MODEL_CLASSES = {"MupadSiT": MupadSiT, "UNet2DModel": None}
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a hub download of a MUPAD checkpoint fetches: never pickles, never the whole repo.
@@ -98,7 +105,7 @@ def load_model(path_or_id: str | Path, *, device=None, dtype=None) -> MupadSiT:
             f"{folder / 'config.json'}: model class {class_name!r} is not a MUPAD model "
             f"(known: {', '.join(MODEL_CLASSES)})"
         )
-    cls = MODEL_CLASSES[class_name]
+    cls = MODEL_CLASSES[class_name] or _unet()
     try:
         model = cls.from_config(config)
     except (TypeError, ValueError) as exc:

@@ -42,6 +42,7 @@ from ..models.vae import load_vae
 from .config import ConfigError, RunConfig
 from .datasets import collate_items
 from .loop import Batch, TrainConfig, Trainer
+from ..models.baselines import build_pix2pix, pix2pix_loss
 from .vae import build_vae, calibrate_scaling, kl_weight, vae_loss
 
 CHECKPOINTS = "checkpoints"
@@ -248,7 +249,14 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
     codec = UnitRange() if training_vae else load_vae(config.vae, device=process.device)
     dataset = build_dataset(config)
     encoders, rna_scores = build_encoders(config, process.device)
-    model = (build_vae(config) if training_vae else build_model(config, codec, encoders)).to(process.device)
+    regression = config.model.get("kind") == "pix2pix"
+    if training_vae:
+        model = build_vae(config)
+    elif regression:
+        model = build_pix2pix(config.model, codec.latent_channels, codec.latent_channels, config.seed)
+    else:
+        model = build_model(config, codec, encoders)
+    model = model.to(process.device)
     trainable_encoders = [e for e in encoders.values() if any(p.requires_grad for p in e.parameters())]
     net = model
     if process.world > 1:
@@ -266,7 +274,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         share=(process.rank, process.world),
         autocast=_precision(config, process.device),
         sync_grads=(lambda: _average_grads(trainable_encoders, process)) if process.world > 1 else None,
-        loss_fn=(lambda net_, batch, gen: vae_loss(net_, batch.latents, kl_weight(config), gen)) if training_vae else None,
+        loss_fn=(lambda net_, batch, gen: vae_loss(net_, batch.latents, kl_weight(config), gen)) if training_vae
+        else (lambda net_, batch, gen: pix2pix_loss(net_, batch.concat, batch.latents)) if regression else None,
     )
     resumed_from = 0
     history: list[dict[str, float]] = []
@@ -299,7 +308,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
             elapsed = time.perf_counter() - window_start
             record["images_per_s"] = window_images / max(elapsed, 1e-9)
             record["elapsed_s"] = previous_seconds + time.perf_counter() - start
-            if process.device.type == "cuda" and not training_vae:
+            if process.device.type == "cuda" and isinstance(model, MupadSiT):
                 record["tflops"] = _training_tflops(model, make_batch, record["images_per_s"])
             window_start, window_images = time.perf_counter(), 0
             history.append(record)
@@ -425,6 +434,7 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
         "vae": config.vae if not str(config.vae).startswith("pixel-unshuffle") else repr(codec),
         "tasks": [config.task],
         "template": config.template,
+        **({"kind": config.model["kind"]} if config.model.get("kind") else {}),  # e.g. a pix2pix baseline
         "conditions": sorted(config.conditions),
         # How to rebuild each stream's encoder at inference (generate/roi.py reads this).
         "encoders": {m: {"name": s.get("encoder"), **{k: v for k, v in s.items()
