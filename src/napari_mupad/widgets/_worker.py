@@ -145,6 +145,24 @@ class JobControls:
     _done_word = "done"
     _failure_title = "MUPAD job failed"
 
+    def _lay_out(self, form) -> None:
+        """The panel: the widget's form, then Run | Cancel, the progress bar, the status line
+        and the not-for-diagnosis notice (the widget creates those controls)."""
+        from qtpy.QtWidgets import QHBoxLayout, QLabel, QVBoxLayout
+
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status_label)
+        notice = QLabel("Generated images: hypothesis-generating, not for diagnosis.")
+        notice.setWordWrap(True)
+        layout.addWidget(notice)
+        layout.addStretch(1)
+
     def cancel(self) -> None:
         if not self.running:
             return

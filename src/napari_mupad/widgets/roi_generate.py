@@ -39,7 +39,6 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSpinBox,
     QStackedWidget,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -280,18 +279,7 @@ class RoiGenerateWidget(JobControls, QWidget):
         form.addRow("Guidance", self.guidance_spin)
         form.addRow("Samples", self.samples_spin)
         form.addRow("Device", self.device_combo)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress_bar)
-        layout.addWidget(self.status_label)
-        notice = QLabel("Generated images: hypothesis-generating, not for diagnosis.")
-        notice.setWordWrap(True)
-        layout.addWidget(notice)
-        layout.addStretch(1)
+        self._lay_out(form)
 
         self.condition_combo.currentIndexChanged.connect(self.condition_pages.setCurrentIndex)
         self.rna_browse.clicked.connect(self._browse_table)

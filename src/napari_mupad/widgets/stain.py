@@ -33,7 +33,6 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -232,18 +231,7 @@ class StainWidget(JobControls, QWidget):
         out_row.addWidget(self.output_browse)
         form.addRow("Output", out_row)
         form.addRow(self.resume_check)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress_bar)
-        layout.addWidget(self.status_label)
-        notice = QLabel("Generated images: hypothesis-generating, not for diagnosis.")
-        notice.setWordWrap(True)
-        layout.addWidget(notice)
-        layout.addStretch(1)
+        self._lay_out(form)
 
         self.model_browse.clicked.connect(self._browse_model)
         self.output_browse.clicked.connect(self._browse_output)
