@@ -30,7 +30,7 @@ def write_config(tmp_path: Path, name: str = "run", **overrides) -> Path:
     config["train"].update(steps=8, checkpoint_every=3, log_every=1)
     for section, values in overrides.items():
         if isinstance(values, dict) and section != "conditions":  # conditions are replaced whole
-            config[section].update(values)
+            config.setdefault(section, {}).update(values)
         else:
             config[section] = values
     path = tmp_path / f"{name}.yaml"
@@ -156,3 +156,60 @@ def test_unknown_rna_id_names_the_table(tmp_path, shared_data):
                         data={"rna_ids": ["NOT-A-PATIENT"]}, train={"steps": 1})
     with pytest.raises(ConfigError, match="tcga_blca_xena_rna_clean_first24.csv: RNA id"):
         train(load_config(path), progress_bar=False, log=lambda m: None)
+
+
+def test_teacher_feeds_the_alignment_and_cls_losses(tmp_path):
+    """`teacher:` (the offline FID InceptionV3) drives REPA-style alignment and REG's CLS loss."""
+    path = write_config(tmp_path, "teach", template="source", conditions={},
+                        teacher={"encoder": "inception", "input_size": 75, "layer": "mixed_2"},
+                        loss={"cls_weight": 0.1, "align_weight": 0.5},
+                        train={"steps": 25, "batch_size": 4, "checkpoint_every": 25})
+    result = train(load_config(path), progress_bar=False, log=lambda m: None)
+    rows = metrics(result.run_dir)
+    assert {"loss_cls", "loss_align", "loss_velocity"} <= set(rows[0])
+    align = [float(r["loss_align"]) for r in rows]
+    cls = [float(r["loss_cls"]) for r in rows]
+    # The projector learns to point at the teacher's patch features (cosine from ~0 towards 1),
+    # and the CLS velocity is learnt: both fall.
+    assert sum(align[-5:]) / 5 < sum(align[:3]) / 3 - 0.05, align
+    assert sum(cls[-5:]) / 5 < sum(cls[:3]) / 3, cls
+    for r in rows:
+        total = float(r["loss_velocity"]) + 0.1 * float(r["loss_cls"]) + 0.5 * float(r["loss_align"])
+        assert abs(float(r["loss_total"]) - total) < 1e-4
+
+    from mupad_core.generate.engine import StainConfig, run_stain
+    from mupad_core.generate.models import load_handle
+    from mupad_core.models.checkpoint import load_model, read_pipeline
+    from mupad_core.slide import open_slide
+
+    model = load_model(result.model_dir)
+    assert model.config.cls_dim == 2048 and model.config.align_dim == 288 and model.config.align_depth == 1
+    assert read_pipeline(result.model_dir)["teacher"]["encoder"] == "inception"
+    # The engine generates each window's CLS token with it; splitting the region into
+    # blocks leaves every pixel unchanged (each window keeps one CLS trajectory).
+    handle = load_handle(str(result.model_dir), "he2he")
+    outputs = []
+    for block in (128, 64):
+        out = tmp_path / f"cls-{block}.ome.zarr"
+        config = StainConfig(task="he2he", roi=(600, 600, 256, 256), target_mpp=1.0, steps=3, seed=1,
+                             window_px=32, overlap_px=16, block_px=block, chunk_px=64, margin_px=32,
+                             skip_background=False)
+        with open_slide(sample_slide_path()) as reader:
+            run_stain(reader, handle, out, config)
+        import zarr
+
+        outputs.append(zarr.open_group(out, mode="r")["0"][:])
+    assert min(outputs[0].shape[-2:]) > 100 and outputs[0].std() > 0
+    assert (outputs[0] == outputs[1]).all()
+
+
+def test_teacher_mistakes_are_named(tmp_path, capsys):
+    path = write_config(tmp_path, "bad", teacher={"encoder": "inception", "layer": "mixed_99"})
+    with pytest.raises(ConfigError, match="teacher.*mixed_99"):
+        train(load_config(path), progress_bar=False, log=lambda m: None)
+    path = write_config(tmp_path, "nothing", teacher={"encoder": "inception", "align": False, "cls": False})
+    with pytest.raises(ConfigError, match="teach nothing"):
+        load_config(path)
+    path = write_config(tmp_path, "orphan", model={"align_depth": 1})
+    with pytest.raises(ConfigError, match="teacher"):
+        load_config(path)

@@ -221,13 +221,25 @@ def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent,
         # A variation: the source itself, noised to t_start along the same path the model learnt.
         x = interpolate(prepared.source_latent.cpu()[None], x[None], torch.tensor([t_start]))[0]
     ts = time_grid(config.steps, t_start)
+    # A CLS model (REG) generates one global token per window along with it: each window
+    # keeps its own, starting from noise fixed by the window's global position, so a
+    # window computed from two blocks follows one trajectory (ODE steps, also under SDE).
+    cls_dim = getattr(handle, "cls_dim", 0)
+    cls = {(w.y, w.x): window_cls_noise(noise.seed, oy + w.y, ox + w.x, cls_dim) for w in windows} if cls_dim else None
     for i in range(config.steps):
         t0, dt = float(ts[i]), float(ts[i + 1] - ts[i])
         velocity = torch.zeros_like(x)
         for start in range(0, len(windows), config.batch_size):
             group = windows[start : start + config.batch_size]
             batch = torch.stack([x[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in group])
-            v = handle.window_velocity(batch, t0, prepared, group).cpu()
+            if cls is None:
+                v = handle.window_velocity(batch, t0, prepared, group).cpu()
+            else:
+                keys = [(w.y, w.x) for w in group]
+                v, cv = handle.window_velocity(batch, t0, prepared, group, cls=torch.stack([cls[k] for k in keys]))
+                v = v.cpu()
+                for k, c in zip(keys, cv.cpu()):
+                    cls[k] = cls[k] + dt * c
             for w, vk in zip(group, v):
                 velocity[:, w.y : w.y + w.h, w.x : w.x + w.w] += vk * weight
         velocity /= weight_sum
@@ -237,6 +249,12 @@ def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent,
         else:
             x = x + dt * velocity
     return x
+
+
+def window_cls_noise(seed: int, y: int, x: int, dim: int) -> torch.Tensor:
+    """The starting CLS token of the window at global latent (y, x): a function of seed and position."""
+    mixed = np.random.SeedSequence([int(seed), 0xC15, y & 0xFFFFFFFF, x & 0xFFFFFFFF]).generate_state(1, np.uint64)[0]
+    return torch.randn(dim, generator=torch.Generator().manual_seed(int(mixed) & 0x7FFFFFFFFFFFFFFF))
 
 
 def blocks_with_tissue(reader, roi, scale: tuple[float, float], out_h: int, out_w: int, block: int, margin: int) -> set[tuple[int, int]]:

@@ -85,14 +85,23 @@ class SiTImageToImageHandle:
     def prepare(self, source: torch.Tensor) -> PreparedBlock:
         return PreparedBlock(source_latent=tiled_encode(self.codec, source.to(self.device)))
 
+    @property
+    def cls_dim(self) -> int:
+        """Size of the CLS token the model generates with each window (0: none)."""
+        return int(getattr(self, "model", None) and self.model.config.get("cls_dim") or 0)
+
     @torch.no_grad()
-    def window_velocity(self, x, t, prepared: PreparedBlock, windows):
+    def window_velocity(self, x, t, prepared: PreparedBlock, windows, cls: torch.Tensor | None = None):
+        """Velocities of the windows; with `cls` (one token per window) also the tokens' velocities."""
         concat = torch.stack([prepared.source_latent[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in windows])
         tt = torch.full((x.shape[0],), float(t), device=self.device)
         use_bf16 = self.device.type == "cuda" and self.dtype == torch.bfloat16
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            out = self.model(x.to(self.device), tt, None, concat=concat)
-        return out.velocity.float()
+            out = self.model(x.to(self.device), tt, None, concat=concat,
+                             cls=None if cls is None else cls.to(self.device))
+        if cls is None:
+            return out.velocity.float()
+        return out.velocity.float(), out.cls_velocity.float()
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return tiled_decode(self.codec, latent.to(self.device)).cpu()
@@ -175,11 +184,11 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     if pipeline.get("kind") == "pix2pix":
         return OnePassHandle(model, load_vae(pipeline["vae"], device=device), str(spec), weights_sha256(folder),
                              device=device)
-    if model.config.cls_dim or model.config.condition_dims:
+    if model.config.condition_dims:
         # Refused before any output exists, rather than failing (or silently running
         # unconditional) in the middle of a slide.
         raise ValueError(
-            f"{folder}: model needs condition tokens ({', '.join(model.config.condition_dims or {}) or 'CLS'}); "
+            f"{folder}: model needs condition tokens ({', '.join(model.config.condition_dims)}); "
             "whole-slide staining with conditioned models comes with the task layer — use a spatial-template model"
         )
     if not model.config.concat_channels:

@@ -94,15 +94,19 @@ class AlignmentProjector(nn.Module):
 
     Convolutions see neighbouring tokens, unlike REPA's per-token MLP: the paper's
     argument is that spatial context helps match a pathology encoder's patch features.
+    `kind="mlp"` is REPA's projector (1x1 convolutions: each token alone), for the ablation.
     """
 
-    def __init__(self, dim: int, out_dim: int, width: int = 0):
+    def __init__(self, dim: int, out_dim: int, width: int = 0, kind: str = "cnn"):
         super().__init__()
+        if kind not in ("cnn", "mlp"):
+            raise ValueError(f"align_projector must be 'cnn' or 'mlp', got {kind!r}")
         width = width or min(dim * 2, 2048)
+        k = 3 if kind == "cnn" else 1
         self.net = nn.Sequential(
-            nn.Conv2d(dim, width, 3, padding=1),
+            nn.Conv2d(dim, width, k, padding=k // 2),
             nn.SiLU(),
-            nn.Conv2d(width, width, 3, padding=1),
+            nn.Conv2d(width, width, k, padding=k // 2),
             nn.SiLU(),
             nn.Conv2d(width, out_dim, 1),
         )
@@ -142,6 +146,7 @@ class MupadSiT(ModelMixin, ConfigMixin):
         align_depth: int = 0,
         align_dim: int = 0,
         qk_norm: bool = False,
+        align_projector: str = "cnn",
     ):
         super().__init__()
         condition_dims = dict(condition_dims or {})
@@ -177,7 +182,7 @@ class MupadSiT(ModelMixin, ConfigMixin):
             block.attn.block_index = i
         self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * in_channels)
         self.cls_head = FinalLayer(hidden_size, cls_dim) if cls_dim else None
-        self.projector = AlignmentProjector(hidden_size, align_dim) if align_dim else None
+        self.projector = AlignmentProjector(hidden_size, align_dim, kind=align_projector) if align_dim else None
         self.initialize_weights()
 
     @classmethod

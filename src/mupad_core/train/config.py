@@ -16,7 +16,9 @@ config is copied into the run folder and a resume refuses a changed one. Section
       rna: {table: expression.csv}
     data: {kind: slides, slides: [a.svs], patch_px: 64, mpp: 1.0}   # or kind: manifest
     train: {steps: 1000, batch_size: 32, lr: 1e-4, ...}              # TrainConfig + run options
-    loss: {time_sampling: logit_normal, condition_dropout: 0.1, ...}
+    loss: {time_sampling: logit_normal, condition_dropout: 0.1, cls_weight: 0.03, align_weight: 0.5}
+    teacher: {encoder: inception, input_size: 150, align: true, cls: true}   # frozen teacher of the
+                                   # alignment + CLS losses: inception (offline) or uni / a hub id / a folder
 
 Paths are relative to the config file's folder.
 """
@@ -67,6 +69,18 @@ class DataConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The frozen encoder whose view of the clean target teaches the denoiser (models/teachers.py)."""
+
+    encoder: str | None = None  # inception | an image-encoder registry key (uni, uni2-h, ...) | hub id | folder
+    source: str | None = None  # a local folder for a registry model
+    input_size: int | None = None  # the teacher's input side (inception default 299)
+    layer: str | None = None  # inception block giving the patch features (default mixed_7)
+    align: bool = True  # alignment loss: projected block `model.align_depth` -> patch features
+    cls: bool = True  # CLS loss: the denoiser also generates the teacher's global embedding
+
+
+@dataclass
 class RunOptions:
     steps: int = 1000
     batch_size: int = 32  # global: split over the processes of a torchrun
@@ -100,6 +114,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: RunOptions = field(default_factory=RunOptions)
     loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     source_file: str | None = None  # where it was read from (not part of the identity)
 
     @property
@@ -125,6 +140,8 @@ class RunConfig:
         for key in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "time_budget_s", "device"):
             identity["train"].pop(key)
         identity.pop("out_dir")
+        if identity["teacher"]["encoder"] is None:
+            identity.pop("teacher")  # runs from before teachers existed keep their fingerprint
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -144,6 +161,7 @@ def parse_config(values: dict[str, Any], source: str = "<config>") -> RunConfig:
         "data": DataConfig,
         "train": RunOptions,
         "loss": LossConfig,
+        "teacher": TeacherConfig,
     }
     built = {k: _build(c, values.pop(k, {}) or {}, f"{source}: {k}") for k, c in sections.items()}
     config = _build(RunConfig, values, source)
@@ -185,6 +203,18 @@ def check_config(config: RunConfig, source: str) -> None:
         bad("conditions", "task vae trains a latent codec: it takes no conditions and no template")
     if "rna" in config.conditions and "table" not in config.conditions["rna"]:
         bad("conditions.rna", "needs `table:` (an expression CSV/TSV or .h5ad whose sample ids the data rows name)")
+    teacher = config.teacher
+    if teacher.encoder is not None:
+        if config.task == "vae" or (isinstance(config.model, dict) and config.model.get("kind")):
+            bad("teacher", "the representation losses train a MUPAD denoiser; remove `teacher:` for this model")
+        if not (teacher.align or teacher.cls):
+            bad("teacher", "align and cls are both false: the teacher would teach nothing")
+        if teacher.align and config.loss.align_weight <= 0:
+            bad("loss.align_weight", "must be > 0 when the teacher aligns (or set teacher.align: false)")
+        if teacher.cls and config.loss.cls_weight <= 0:
+            bad("loss.cls_weight", "must be > 0 when the teacher gives a CLS target (or set teacher.cls: false)")
+    elif any(k in (config.model or {}) for k in ("align_depth", "align_dim", "cls_dim")):
+        bad("model", "align_depth/align_dim/cls_dim come from a `teacher:` section; add one (e.g. encoder: inception)")
     t = config.train
     if t.steps < 1:
         bad("train.steps", f"must be at least 1, got {t.steps}")

@@ -93,9 +93,11 @@ def batch_indices(step: int, global_batch: int, length: int, seed: int) -> tuple
 class BatchMaker:
     """Turns the data set's items into the latents and conditions of one training step."""
 
-    def __init__(self, config: RunConfig, dataset, codec, encoders: dict[str, Any], rna_scores, process: Process):
+    def __init__(self, config: RunConfig, dataset, codec, encoders: dict[str, Any], rna_scores, process: Process,
+                 teacher=None):
         self.config, self.dataset, self.codec = config, dataset, codec
         self.encoders, self.rna_scores, self.process = encoders, rna_scores, process
+        self.teacher = teacher
         if config.train.batch_size % process.world:
             raise ConfigError(
                 f"{config.source_file}: train.batch_size {config.train.batch_size} is not divisible by the "
@@ -133,7 +135,18 @@ class BatchMaker:
             if encoded.mask is not None:
                 masks[modality] = encoded.mask
         conditions = Conditions(tokens=tokens, masks=masks) if tokens else None
-        return Batch(latents=latents, conditions=conditions, concat=concat)
+        cls, features = self._teach(target)
+        return Batch(latents=latents, conditions=conditions, concat=concat, cls_target=cls, teacher_features=features)
+
+    def _teach(self, target: torch.Tensor):
+        """The teacher's view of the clean target: (CLS target, patch features) as configured."""
+        if self.teacher is None:
+            return None, None
+        from ..models.teachers import cls_target
+
+        seen = self.teacher(target)
+        spec = self.config.teacher
+        return (cls_target(seen.pooled) if spec.cls else None), (seen.features if spec.align else None)
 
     def _rna(self, ids: list[str]) -> np.ndarray:
         missing = [i for i in ids if i not in self.rna_scores.index]
@@ -186,9 +199,35 @@ def build_encoders(config: RunConfig, device: torch.device) -> tuple[dict[str, A
     return encoders, rna_scores
 
 
-def build_model(config: RunConfig, codec, encoders: dict[str, Any]) -> MupadSiT:
+def build_teacher(config: RunConfig, device: torch.device):
+    """The frozen teacher of the alignment and CLS losses, or None."""
+    spec = config.teacher
+    if spec.encoder is None:
+        return None
+    from ..models.teachers import load_teacher
+
+    try:
+        teacher = load_teacher(spec.encoder, layer=spec.layer, input_size=spec.input_size, source=spec.source)
+    except ValueError as exc:
+        raise ConfigError(f"{config.source_file}: teacher: {exc}") from exc
+    return teacher.to(device)
+
+
+def build_model(config: RunConfig, codec, encoders: dict[str, Any], teacher=None) -> MupadSiT:
     options = dict(config.model)
     preset = options.pop("preset", None)
+    if teacher is not None:
+        taken = sorted({"align_dim", "cls_dim"} & set(options))
+        if taken:
+            raise ConfigError(f"{config.source_file}: model: {', '.join(taken)} come from the teacher; remove them")
+        if config.teacher.align:
+            depth = options.get("depth") or _preset_depth(preset)
+            options.setdefault("align_depth", max(1, round(depth / 3)))  # REPA: block 8 of SiT-XL's 28
+            options["align_dim"] = teacher.feature_dim
+        else:
+            options.pop("align_depth", None)
+        if config.teacher.cls:
+            options["cls_dim"] = teacher.pooled_dim
     channels = codec.latent_channels
     condition_dims = {m: e.token_dim for m, e in encoders.items()}
     condition_tokens = {m: e.num_tokens for m, e in encoders.items() if getattr(e, "num_tokens", None)}
@@ -200,6 +239,12 @@ def build_model(config: RunConfig, codec, encoders: dict[str, Any]) -> MupadSiT:
             return MupadSiT.from_preset(preset, **kwargs) if preset else MupadSiT(**kwargs)
         except TypeError as exc:
             raise ConfigError(f"{config.source_file}: model: {exc}") from exc
+
+
+def _preset_depth(preset: str | None) -> int:
+    from ..models.sit import PRESETS
+
+    return PRESETS[(preset or "B").upper().split("/")[0]][1]
 
 
 def _precision(config: RunConfig, device: torch.device) -> torch.dtype | None:
@@ -249,13 +294,15 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
     codec = UnitRange() if training_vae else load_vae(config.vae, device=process.device)
     dataset = build_dataset(config)
     encoders, rna_scores = build_encoders(config, process.device)
+    teacher = None
     regression = config.model.get("kind") == "pix2pix"
     if training_vae:
         model = build_vae(config)
     elif regression:
         model = build_pix2pix(config.model, codec.latent_channels, codec.latent_channels, config.seed)
     else:
-        model = build_model(config, codec, encoders)
+        teacher = build_teacher(config, process.device)
+        model = build_model(config, codec, encoders, teacher)
     model = model.to(process.device)
     trainable_encoders = [e for e in encoders.values() if any(p.requires_grad for p in e.parameters())]
     net = model
@@ -285,7 +332,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         log(f"resuming {run_dir.name} from step {resumed_from}")
     if process.main:
         write_metrics(run_dir, history)
-    make_batch = BatchMaker(config, dataset, codec, encoders, rna_scores, process)
+    make_batch = BatchMaker(config, dataset, codec, encoders, rna_scores, process, teacher)
     params = sum(p.numel() for p in model.parameters())
     if process.main:
         log(f"training {config.name}: {params / 1e6:.2f} M parameters, task {config.task}, "
@@ -446,6 +493,9 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
         # The builtin image encoder learnt from whole training crops: references are resized to that size.
         **({"image_px": window_px} if "image" in config.conditions else {}),
         "mpp": config.data.mpp,
+        # A CLS model generates the teacher's embedding alongside the image (its dimension is in config.json).
+        **({"teacher": {k: v for k, v in vars(config.teacher).items() if v is not None}}
+           if config.teacher.encoder else {}),
         "trained_steps": trainer.step,
         **({"channels": config.channels, "colors": config.channel_colors} if config.channels else {}),
         "config_fingerprint": config.fingerprint(),
@@ -524,13 +574,36 @@ METRIC_COLUMNS = ("step", "loss_total", "loss_velocity", "loss_cls", "loss_align
 
 
 def append_metrics(run_dir: Path, record: dict[str, float]) -> None:
+    """One row; columns are the usual ones plus any other loss term the objective reports (a VAE's)."""
     path = run_dir / METRICS_FILE
+    extra = sorted(k for k in record if k.startswith("loss_") and k not in METRIC_COLUMNS)
+    columns = list(METRIC_COLUMNS[:5]) + extra + list(METRIC_COLUMNS[5:])
+    if path.exists():
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+        missing = [c for c in columns if c not in header]
+        if missing:
+            rows = read_metrics(run_dir, upto=10**12)  # a new term: rewrite with the wider header
+            columns = header + missing
+            path.unlink()
+            for row in rows:
+                _write_row(path, columns, row)
+        else:
+            columns = header
+    _write_row(path, columns, record)
+    _log_tensorboard(run_dir, record)
+
+
+def _write_row(path: Path, columns: list[str], record: dict[str, float]) -> None:
     new = not path.exists()
     with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({k: record.get(k, "") for k in METRIC_COLUMNS})
+        writer.writerow({k: record.get(k, "") for k in columns})
+
+
+def _log_tensorboard(run_dir: Path, record: dict[str, float]) -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional
     except ImportError:
@@ -552,10 +625,13 @@ def plot_loss(run_dir: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     steps = [r["step"] for r in rows]
-    for key in ("loss_total", "loss_velocity", "loss_cls", "loss_align"):
+    terms = [k for k in rows[-1] if k.startswith("loss_")]
+    for key in terms:
         values = [r.get(key) for r in rows]
-        if any(v is not None for v in values) and not (key == "loss_velocity" and "loss_cls" not in rows[0]
-                                                        and "loss_align" not in rows[0]):
+        if key == "loss_align":  # a negative cosine: plotted as 1 + it, on the log axis with the others
+            values = [None if v is None else 1 + v for v in values]
+            key = "1+loss_align"
+        if any(v is not None for v in values) and not (key == "loss_velocity" and len(terms) == 2):
             ax.plot(steps, [v if v is not None else float("nan") for v in values], label=key.removeprefix("loss_"))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
