@@ -213,3 +213,34 @@ def test_teacher_mistakes_are_named(tmp_path, capsys):
     path = write_config(tmp_path, "orphan", model={"align_depth": 1})
     with pytest.raises(ConfigError, match="teacher"):
         load_config(path)
+
+
+def test_latent_cache_feeds_training_and_refuses_another_teacher(tmp_path):
+    """`data.cache`: latents and teacher features encoded once into zarr, then trained from."""
+    cache = tmp_path / "cache.zarr"
+    path = write_config(tmp_path, "cached", template="source", conditions={},
+                        data={"cache": str(cache), "length": 16, "hed_scale": 0.0, "hed_shift": 0.0},
+                        teacher={"encoder": "inception", "input_size": 75, "layer": "mixed_2"},
+                        train={"steps": 12, "batch_size": 4, "checkpoint_every": 12})
+    logs: list[str] = []
+    result = train(load_config(path), progress_bar=False, log=logs.append)
+    assert any("latent cache" in m for m in logs) and cache.is_dir()
+    import zarr
+
+    group = zarr.open_group(cache, mode="r")
+    assert group["features"].shape == (16, 288, 7, 7) and group["features_pooled"].shape == (16, 2048)
+    assert set(group["latents"].keys()) == {"latent", "source_latent"}
+    rows = metrics(result.run_dir)
+    assert len(rows) == 12 and all(float(r["loss_align"]) < 0.5 for r in rows)
+    assert result.model_dir is not None
+
+    from mupad_core.train.latent_cache import LatentCacheError
+
+    other = write_config(tmp_path, "other", template="source", conditions={},
+                         data={"cache": str(cache), "length": 16, "hed_scale": 0.0, "hed_shift": 0.0},
+                         teacher={"encoder": "inception", "input_size": 75, "layer": "mixed_7"},
+                         train={"steps": 2, "batch_size": 4})
+    with pytest.raises(LatentCacheError, match="cache.zarr"):
+        train(load_config(other), progress_bar=False, log=lambda m: None)
+    with pytest.raises(ConfigError, match="data.cache"):
+        load_config(write_config(tmp_path, "img", data={"cache": str(cache)}))

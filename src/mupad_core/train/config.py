@@ -66,6 +66,10 @@ class DataConfig:
     hed_scale: float = 0.0  # H&E stain jitter on the source (HED scale half-width, e.g. 0.05); 0 = off
     hed_shift: float = 0.0  # HED shift half-width (e.g. 0.01)
     dihedral: bool = True  # flips and 90-degree turns, the same for source and target
+    # A zarr cache of the items' latents and teacher features (train/latent_cache.py), built on
+    # the first run and reused: long runs skip the frozen VAE and teacher. Each item is cached
+    # as epoch 0 draws it (its crop and augmentation are frozen); size the data set with `length`.
+    cache: str | None = None
 
 
 @dataclass
@@ -229,5 +233,8 @@ def check_config(config: RunConfig, source: str) -> None:
         bad("data.kind", f"must be 'slides' or 'manifest', got {d.kind!r}")
     if d.kind == "slides" and not d.slides:
         bad("data.slides", "kind 'slides' needs at least one slide")
+    if d.cache and "image" in config.conditions:
+        bad("data.cache", "the image condition encodes pixels at every step, which a latent cache does not keep; "
+                          "train without a cache, or condition on text/RNA only")
     if d.kind == "manifest" and not d.manifest:
         bad("data.manifest", "kind 'manifest' needs the manifest path")

@@ -7,6 +7,7 @@ image encoder), and writes a zarr (v3) group:
 
     latents/<name>   (N, C, h, w)  float16 or float32, one array per latent name
     features         (N, ...)      the feature encoder's output, when one is given
+    features_pooled  (N, D)        its global embedding, where it gives one (a teacher's CLS)
     present/<name>   (N,) bool     False where the item had no such image (zeros stored)
     strings/<key>    (N,) str      the items' text fields (caption, rna_id, split, ...)
     scalars/<key>    (N, ...)      the items' numeric fields (row, slide, xy, ...)
@@ -130,12 +131,15 @@ def _partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def _features_of(output: Any) -> torch.Tensor:
+def _features_of(output: Any) -> dict[str, torch.Tensor]:
+    """{"features": (B, ...)} plus {"pooled": (B, D)} where the encoder gives a global embedding."""
     if isinstance(output, torch.Tensor):
-        return output
-    tokens = getattr(output, "tokens", None)  # an EncodedCondition
-    if isinstance(tokens, torch.Tensor):
-        return tokens
+        return {"features": output}
+    for key in ("features", "tokens"):  # a teacher's TeacherOutput, an EncodedCondition
+        value = getattr(output, key, None)
+        if isinstance(value, torch.Tensor):
+            pooled = getattr(output, "pooled", None)
+            return {"features": value, **({"pooled": pooled} if isinstance(pooled, torch.Tensor) else {})}
     raise LatentCacheError(f"the feature encoder returned {type(output).__name__}; expected a tensor (B, ...)")
 
 
@@ -150,7 +154,7 @@ def _normalise_latents(latents: Mapping[str, str | Sequence[str]] | Sequence[str
     elif not isinstance(latents, Mapping):
         latents = {k: [k] for k in latents}
     spec = {str(name): [keys] if isinstance(keys, str) else list(keys) for name, keys in latents.items()}
-    bad = [n for n in spec if n in ("features", "done") or "/" in n or not n]
+    bad = [n for n in spec if n in ("features", "features_pooled", "done") or "/" in n or not n]
     if bad or not spec or any(not keys for keys in spec.values()):
         raise ValueError(
             f"latents must name images to encode, e.g. {{'latent': ('target', 'source')}}; got {latents!r}"
@@ -328,7 +332,7 @@ def _write_chunk(writer, dataset, start, stop, codec, spec, feature_encoder, fea
         offset += size
     dtype = np.float16 if writer.dtype == "float16" else np.float32
     for name, values in buffers.items():
-        array_name = "features" if name == "features" else f"latents/{name}"
+        array_name = name if name in ("features", "features_pooled") else f"latents/{name}"
         writer.array(array_name, values.shape[1:], writer.dtype, per_item=True)[start:stop] = values.astype(dtype)
         writer.array(f"present/{name}", (), bool, False)[start:stop] = presence[name]
     for key, values in fields.items():
@@ -362,17 +366,20 @@ def _encode_into(buffers, presence, name, images, offset, count, encode, device,
     if device is not None:
         batch = batch.to(device)
     with torch.no_grad():
-        out = _features_of(encode(batch)) if name == "features" else encode(batch)
-    out = out.detach().float().cpu().numpy()
-    if name not in buffers:
-        buffers[name] = np.zeros((count, *out.shape[1:]), dtype=np.float32)
-    elif buffers[name].shape[1:] != out.shape[1:]:
-        raise LatentCacheError(
-            f"'{name}' came out as {out.shape[1:]} after {buffers[name].shape[1:]}; crop to one size"
-        )
-    for j, i in enumerate(rows):
-        buffers[name][offset + i] = out[j]
-        presence[name][offset + i] = True
+        outputs = _features_of(encode(batch)) if name == "features" else {name: encode(batch)}
+    for key, out in outputs.items():
+        key = "features_pooled" if key == "pooled" else key
+        out = out.detach().float().cpu().numpy()
+        if key not in buffers:
+            buffers[key] = np.zeros((count, *out.shape[1:]), dtype=np.float32)
+            presence.setdefault(key, np.zeros(count, dtype=bool))
+        elif buffers[key].shape[1:] != out.shape[1:]:
+            raise LatentCacheError(
+                f"'{key}' came out as {out.shape[1:]} after {buffers[key].shape[1:]}; crop to one size"
+            )
+        for j, i in enumerate(rows):
+            buffers[key][offset + i] = out[j]
+            presence[key][offset + i] = True
 
 
 def _read_attrs(path: Path) -> dict[str, Any]:
@@ -468,6 +475,8 @@ class LatentCacheDataset(Dataset):
         names = [(name, f"latents/{name}") for name in self.latent_names]
         if self.has_features:
             names.append(("features", "features"))
+            if "features_pooled" in group:
+                names.append(("features_pooled", "features_pooled"))
         for name, array_name in names:
             flags = small.get(f"present/{name}")
             present = flags is not None and bool(flags[index]) and array_name in group

@@ -98,6 +98,7 @@ class BatchMaker:
         self.config, self.dataset, self.codec = config, dataset, codec
         self.encoders, self.rna_scores, self.process = encoders, rna_scores, process
         self.teacher = teacher
+        self.cached = getattr(dataset, "latent_names", None) is not None  # a LatentCacheDataset
         if config.train.batch_size % process.world:
             raise ConfigError(
                 f"{config.source_file}: train.batch_size {config.train.batch_size} is not divisible by the "
@@ -110,9 +111,12 @@ class BatchMaker:
         lo = self.process.rank * self.local
         items = []
         for index, epoch in zip(indices[lo : lo + self.local], epochs[lo : lo + self.local]):
-            self.dataset.set_epoch(epoch)
+            if not self.cached:
+                self.dataset.set_epoch(epoch)
             items.append(self.dataset[index])
         batch = collate_items(items)
+        if self.cached:
+            return self._from_cache(batch)
         device = self.process.device
         source = batch["source"].to(device)
         target = source if batch.get("target") is None else batch["target"].to(device)
@@ -121,6 +125,12 @@ class BatchMaker:
         with torch.no_grad():
             latents = self.codec.encode(target)
             concat = self.codec.encode(source) if self.config.template == "source" else None
+        conditions = self._tokens(batch, source, target)
+        cls, features = self._teach(target)
+        return Batch(latents=latents, conditions=conditions, concat=concat, cls_target=cls, teacher_features=features)
+
+    def _tokens(self, batch: dict[str, Any], source, target) -> Conditions | None:
+        device = self.process.device
         tokens, masks = {}, {}
         for modality, encoder in self.encoders.items():
             spec = self.config.conditions[modality]
@@ -134,9 +144,20 @@ class BatchMaker:
             tokens[modality] = encoded.tokens
             if encoded.mask is not None:
                 masks[modality] = encoded.mask
-        conditions = Conditions(tokens=tokens, masks=masks) if tokens else None
-        cls, features = self._teach(target)
-        return Batch(latents=latents, conditions=conditions, concat=concat, cls_target=cls, teacher_features=features)
+        return Conditions(tokens=tokens, masks=masks) if tokens else None
+
+    def _from_cache(self, batch: dict[str, Any]) -> Batch:
+        from ..models.teachers import cls_target
+
+        device = self.process.device
+        concat = batch["source_latent"].to(device) if self.config.template == "source" else None
+        cls = features = None
+        if self.teacher is not None:
+            spec = self.config.teacher
+            cls = cls_target(batch["features_pooled"].to(device)) if spec.cls else None
+            features = batch["features"].to(device) if spec.align else None
+        return Batch(latents=batch["latent"].to(device), conditions=self._tokens(batch, None, None), concat=concat,
+                     cls_target=cls, teacher_features=features)
 
     def _teach(self, target: torch.Tensor):
         """The teacher's view of the clean target: (CLS target, patch features) as configured."""
@@ -197,6 +218,24 @@ def build_encoders(config: RunConfig, device: torch.device) -> tuple[dict[str, A
             encoder.requires_grad_(False)
         encoders[modality] = encoder
     return encoders, rna_scores
+
+
+def build_cache(config: RunConfig, dataset, codec, teacher, process: Process, log: Callable[[str], None]):
+    """The data set's latent cache (built, or resumed, on the first process; checked by all)."""
+    from .latent_cache import LatentCacheDataset, build_latent_cache
+
+    path = config.resolve(config.data.cache)
+    latents = {"latent": ("target", "source")}
+    if config.template == "source":
+        latents["source_latent"] = "source"
+    if process.main:
+        log(f"latent cache {path}: encoding {len(dataset)} items (reused when complete)")
+        build_latent_cache(dataset, path, codec, latents=latents, feature_encoder=teacher,
+                           feature_from=("target", "source"), device=process.device, seed=config.seed,
+                           progress=lambda done, total: log(f"  cache chunk {done}/{total}") if done == total else None)
+    _barrier(process)
+    return LatentCacheDataset(path, expect_vae=codec, expect_dataset=dataset,
+                              expect_feature_encoder=teacher if teacher is not None else None)
 
 
 def build_teacher(config: RunConfig, device: torch.device):
@@ -332,6 +371,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         log(f"resuming {run_dir.name} from step {resumed_from}")
     if process.main:
         write_metrics(run_dir, history)
+    if config.data.cache:
+        dataset = build_cache(config, dataset, codec, teacher, process, log if process.main else (lambda m: None))
     make_batch = BatchMaker(config, dataset, codec, encoders, rna_scores, process, teacher)
     params = sum(p.numel() for p in model.parameters())
     if process.main:
