@@ -290,8 +290,10 @@ def _cmd_eval(args) -> int:
     prediction = load_set(args.pred, args.pred_name, tile=args.tile, max_tiles=args.max_tiles)
     reference = load_set(args.ref, args.ref_name, tile=args.tile, max_tiles=args.max_tiles)
     baselines = [named(spec) for spec in args.baseline or []]
+    labels = load_set(args.labels, "labels", tile=args.tile, max_tiles=args.max_tiles) if args.labels else None
     results = evaluate_sets(prediction, reference, baselines, features=args.features, resamples=args.resamples,
-                            seed=args.seed, device=_resolve_device(args.device))
+                            seed=args.seed, device=_resolve_device(args.device), ihc=args.ihc, cells=args.cells,
+                            labels=labels, marker_channel=args.marker_channel, mpp=args.mpp)
     report = write_report(results, args.out, prediction, reference, baselines)
     for entry in results["sets"]:
         fid_, kid_ = entry["fid"], entry["kid"]
@@ -453,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resamples", type=int, default=200, help="subsampling draws for the intervals")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ev.add_argument("--ihc", action="store_true", help="DAB H-score of every set over the nuclei found")
+    ev.add_argument("--labels", help="cell label masks named like the tiles (DeepLIIF colours: red positive, "
+                                     "blue negative): per-cell AUC of the stain")
+    ev.add_argument("--marker-channel", type=int, help="score this channel's mean per cell instead of DAB (mIF)")
+    ev.add_argument("--cells", action="store_true", help="cell-composition distance of every set to the reference")
+    ev.add_argument("--mpp", type=float, help="µm per pixel of the tiles (nucleus sizes in µm²)")
     ev.set_defaults(func=_cmd_eval)
 
     aug = sub.add_parser("augment", help="N generated variations per image of a class-folder data set, "

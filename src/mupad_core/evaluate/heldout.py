@@ -81,6 +81,18 @@ if __name__ == "__main__":
 
 
 @torch.no_grad()
+def _teacher_of(model, device):
+    from ..models.checkpoint import read_pipeline
+    from ..models.teachers import load_teacher
+    from ..zoo import resolve_model
+
+    spec = read_pipeline(resolve_model(str(model))).get("teacher")
+    if not spec:
+        raise ValueError(f"{model}: a CLS model without its teacher recorded in mupad_pipeline.json")
+    return load_teacher(spec["encoder"], layer=spec.get("layer"), input_size=spec.get("input_size"),
+                        source=spec.get("source")).to(device)
+
+
 def heldout_denoising_loss(model: str | Path, manifest: str | Path, *, split: str = "val", crop_px: int | None = None,
                            times: int = 8, seeds: int = 4) -> dict:
     """Velocity loss on held-out images with their conditions, and with every condition
@@ -89,25 +101,38 @@ def heldout_denoising_loss(model: str | Path, manifest: str | Path, *, split: st
     from ..generate.roi import load_generator
     from ..transport import path as flow
 
-    gen = load_generator(str(model))
+    gen = load_generator(str(model), allow_template=True)
     size = crop_px or gen.window_px
     dataset = ManifestDataset(manifest, split=split, crop_size=size, crop="center")
+    template = bool(gen.model.config.concat_channels)
+    teacher = _teacher_of(model, gen.device) if gen.model.config.cls_dim else None
     totals = {"conditional": 0.0, "unconditional": 0.0}
     count = 0
     for index in range(len(dataset)):
         item = dataset[index]
-        latents = gen.codec.encode(item["source"][None].to(gen.device))
+        clean = item["target"] if template and item.get("target") is not None else item["source"]
+        latents = gen.codec.encode(clean[None].to(gen.device))
+        concat = gen.codec.encode(item["source"][None].to(gen.device)) if template else None
         image = item["source"][None] if "image" in gen.modalities else None  # a variations model's reference
         conditions = gen.conditions(text=(item["caption"] or None) if "text" in gen.modalities else None, image=image)
         unconditional = conditions.without(*conditions.tokens)
+        cls_clean = None
+        if teacher is not None:  # a CLS model is measured as trained: on its teacher's noised embedding
+            from ..models.teachers import cls_target
+
+            cls_clean = cls_target(teacher(clean[None].to(gen.device)).pooled)
         for t_value in np.linspace(0.05, 0.95, times):
             for seed in range(seeds):
-                noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents)
+                g = torch.Generator().manual_seed(seed)
+                noise = torch.randn(latents.shape, generator=g).to(latents)
                 t = torch.full((1,), float(t_value), device=latents.device)
                 x_t = flow.interpolate(latents, noise, t)
                 target = flow.velocity_target(latents, noise)
+                cls_t = None
+                if cls_clean is not None:
+                    cls_t = flow.interpolate(cls_clean, torch.randn(cls_clean.shape, generator=g).to(cls_clean), t)
                 for key, cond in (("conditional", conditions), ("unconditional", unconditional)):
-                    velocity = gen.model(x_t, t, cond).velocity
+                    velocity = gen.model(x_t, t, cond, cls=cls_t, concat=concat).velocity
                     totals[key] += float(((velocity - target) ** 2).mean())
                 count += 1
     out = {key: round(value / count, 5) for key, value in totals.items()}

@@ -100,9 +100,50 @@ def paired_metrics(prediction: ImageSet, reference: ImageSet) -> dict | None:
     return out
 
 
+def ihc_metrics(images: ImageSet, labels: ImageSet | None = None, marker_channel: int | None = None,
+                mpp: float | None = None) -> dict:
+    """DAB H-score over the nuclei the offline segmenter finds, and (with DeepLIIF-style label
+    masks named like the tiles) the per-cell AUC of the stain against the labels.
+    `marker_channel`: score that channel's mean (an mIF marker) instead of DAB."""
+    from .cells import segment_nuclei
+    from .ihc import cell_means, dab_density, deepliif_cells, hscore, positivity_auc
+
+    fractions, units = np.zeros(4), 0
+    scores, truth = [], []
+    for key, tile in images.tiles.items():
+        if marker_channel is None:
+            cells = segment_nuclei(tile, mpp)
+            if cells.max():
+                score = hscore(tile, cells)
+                fractions += np.array(score.fractions) * score.units
+                units += score.units
+        if labels is not None and key in labels.tiles:
+            cell_labels, positive = deepliif_cells(labels.tiles[key])
+            if cell_labels.max():
+                signal = dab_density(tile) if marker_channel is None else tile[..., marker_channel].astype(float)
+                scores.append(cell_means(signal, cell_labels))
+                truth.append(positive)
+    out = {}
+    if units:
+        fractions /= units
+        out.update(hscore=round(float(100 * (fractions[1] + 2 * fractions[2] + 3 * fractions[3])), 2),
+                   positive_fraction=round(float(1 - fractions[0]), 4), nuclei=units)
+    if scores:
+        scores_, truth_ = np.concatenate(scores), np.concatenate(truth)
+        out.update(labelled_cells=int(len(truth_)), labelled_positive=int(truth_.sum()))
+        try:
+            out["auc"] = round(positivity_auc(scores_, truth_), 4)
+        except ValueError as exc:
+            out["auc_error"] = str(exc)
+    return out
+
+
 def evaluate_sets(prediction: ImageSet, reference: ImageSet, baselines: list[ImageSet] = (), *,
-                  features: str = "inception", resamples: int = 200, seed: int = 0, device: str = "cpu") -> dict:
-    """Every number of the report, as a JSON-ready dict."""
+                  features: str = "inception", resamples: int = 200, seed: int = 0, device: str = "cpu",
+                  ihc: bool = False, cells: bool = False, labels: ImageSet | None = None,
+                  marker_channel: int | None = None, mpp: float | None = None) -> dict:
+    """Every number of the report, as a JSON-ready dict. `ihc`: H-score (and AUC with
+    `labels`) per set; `cells`: cell-composition distance of each set to the reference."""
     from .features import load_extractor
 
     extractor = load_extractor(features, device=device)
@@ -113,12 +154,20 @@ def evaluate_sets(prediction: ImageSet, reference: ImageSet, baselines: list[Ima
     reference_features = embed(reference)
     results = {"reference": {"name": reference.name, "source": reference.source, "tiles": len(reference.tiles)},
                "features": extractor.name, "sets": []}
+    if ihc or labels is not None:
+        results["reference"]["ihc"] = ihc_metrics(reference, labels, marker_channel, mpp)
     for images in [prediction, *baselines]:
         feats = embed(images)
         entry = {"name": images.name, "source": images.source, "tiles": len(images.tiles),
                  "fid": fid(feats, reference_features, resamples=resamples, seed=seed).as_dict(),
                  "kid": kid(feats, reference_features, resamples=resamples, seed=seed).as_dict(),
                  "paired": paired_metrics(images, reference)}
+        if ihc or labels is not None:
+            entry["ihc"] = ihc_metrics(images, labels, marker_channel, mpp)
+        if cells:
+            from .cells import composition_distance
+
+            entry["cells"] = composition_distance(list(reference.tiles.values()), list(images.tiles.values()), mpp)
         results["sets"].append(entry)
     return results
 
@@ -169,6 +218,26 @@ def write_report(results: dict, out_dir: str | Path, prediction: ImageSet, refer
             p = s["paired"]
             lines.append(f"| {s['name']} | {p['tiles']} | {p['psnr']['mean']:.2f} | {p['ssim']['mean']:.3f} | "
                          f"{p['pcc']['mean']:.3f} | {p['patch_pcc']['mean']:.3f} |")
+    if "ihc" in results["reference"]:
+        lines += ["", "IHC positivity: DAB H-score over the nuclei found by the offline segmenter; AUC of per-cell "
+                  "stain against the labelled cells.", "",
+                  "| set | nuclei | H-score | positive fraction | labelled cells | AUC |", "|---|---|---|---|---|---|"]
+        for name, m in [(results["reference"]["name"], results["reference"]["ihc"])] + [(s["name"], s["ihc"])
+                                                                                       for s in sets]:
+            lines.append(f"| {name} | {m.get('nuclei', '–')} | {m.get('hscore', '–')} | "
+                         f"{m.get('positive_fraction', '–')} | {m.get('labelled_cells', '–')} | {m.get('auc', '–')} |")
+    if any("cells" in s for s in sets):
+        lines += ["", "Cell composition against the reference (size classes by the reference's area tertiles; "
+                  "distances in reference standard deviations):", "",
+                  "| set | nuclei (ref) | per mm² (ref) | small / medium / large | class W1 | DAB+ difference | "
+                  "W1 area | W1 haematoxylin | W1 DAB |", "|---|---|---|---|---|---|---|---|---|"]
+        for s in sets:
+            c = s["cells"]
+            g, r, w = c["generated"], c["reference"], c["feature_wasserstein_sd"]
+            fr = " / ".join(f"{v:.2f}" for v in g["size_fractions"].values())
+            lines.append(f"| {s['name']} | {g['nuclei']} ({r['nuclei']}) | {g['per_mm2']} ({r['per_mm2']}) | {fr} | "
+                         f"{c['class_wasserstein']} | {c['dab_positive_difference']:+.3f} | {w['area']} | "
+                         f"{w['hematoxylin']} | {w['dab']} |")
     lines += ["", "![FID and KID with intervals](distribution.png)", ""]
     if grid is not None:
         lines += [f"![tiles: {' | '.join([reference.name, prediction.name, *[b.name for b in baselines]])}](grid.png)",

@@ -168,8 +168,9 @@ def generate_region(gen: RegionGenerator, height: int, width: int, conditions: C
     return pixels[:, :height, :width]
 
 
-def load_generator(spec: str | Path, device: str = "cpu") -> RegionGenerator:
-    """A checkpoint folder or hub id with condition streams and no spatial template."""
+def load_generator(spec: str | Path, device: str = "cpu", allow_template: bool = False) -> RegionGenerator:
+    """A checkpoint folder or hub id with condition streams and no spatial template
+    (`allow_template`: also a restaining model, for measurements that pass the template)."""
     from ..models.checkpoint import CHECKPOINT_FILES, load_model, read_pipeline, weights_sha256
     from ..models.conditioning import build_encoder
     from ..models.vae import load_vae
@@ -179,7 +180,7 @@ def load_generator(spec: str | Path, device: str = "cpu") -> RegionGenerator:
     folder = resolve_model(spec, CHECKPOINT_FILES)  # a bundled id, a folder or a hub id
     pipeline = read_pipeline(folder)
     model = load_model(folder, device=device)
-    if model.config.concat_channels:
+    if model.config.concat_channels and not allow_template:
         raise ValueError(f"{folder}: this model restains a source image (spatial template); "
                          "use it with the virtual-stain widget or `mupad stain`, not for generation from noise")
     dims = dict(model.config.condition_dims or {})

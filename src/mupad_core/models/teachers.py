@@ -34,7 +34,7 @@ INCEPTION_LAYERS = ("mixed_2", "mixed_3", "mixed_4", "mixed_5", "mixed_6", "mixe
 @dataclass
 class TeacherOutput:
     features: torch.Tensor  # (B, D, h, w) patch features
-    pooled: torch.Tensor  # (B, Dc) global embedding
+    pooled: torch.Tensor | None  # (B, Dc) global embedding
 
 
 def cls_target(pooled: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,8 @@ class InceptionTeacher(nn.Module):
         return super().train(False)  # frozen: always in eval mode
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> TeacherOutput:
+    def forward(self, images: torch.Tensor, pooled: bool = True) -> TeacherOutput:
+        """`pooled=False` stops at `layer` (no global embedding): cheaper when only aligning."""
         x = images.float()
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
@@ -88,6 +89,8 @@ class InceptionTeacher(nn.Module):
             x = block(x)
             if name == self.layer:
                 features = x
+                if not pooled:
+                    return TeacherOutput(features=features, pooled=None)
         return TeacherOutput(features=features, pooled=x.mean(dim=(-2, -1)))
 
 
@@ -113,7 +116,7 @@ class EncoderTeacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> TeacherOutput:
+    def forward(self, images: torch.Tensor, pooled: bool = True) -> TeacherOutput:
         encoded = self.encoder.encode(images)
         tokens = encoded.tokens.float()
         b, n, d = tokens.shape

@@ -165,8 +165,8 @@ class BatchMaker:
             return None, None
         from ..models.teachers import cls_target
 
-        seen = self.teacher(target)
         spec = self.config.teacher
+        seen = self.teacher(target, pooled=spec.cls)
         return (cls_target(seen.pooled) if spec.cls else None), (seen.features if spec.align else None)
 
     def _rna(self, ids: list[str]) -> np.ndarray:
