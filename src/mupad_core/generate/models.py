@@ -181,7 +181,9 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     if tasks and task not in tasks:
         raise ValueError(f"{folder}: model is trained for {', '.join(tasks)}, not {task!r}")
     model = load_model(folder)
-    if pipeline.get("kind") == "pix2pix":
+    from ..models.baselines import ONE_PASS_KINDS
+
+    if pipeline.get("kind") in ONE_PASS_KINDS:
         return OnePassHandle(model, load_vae(pipeline["vae"], device=device), str(spec), weights_sha256(folder),
                              device=device)
     if model.config.condition_dims:

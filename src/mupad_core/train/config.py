@@ -200,9 +200,11 @@ def check_config(config: RunConfig, source: str) -> None:
             bad("conditions", f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
         if not isinstance(spec, dict):
             bad(f"conditions.{modality}", "expected a mapping such as {encoder: builtin}")
-    if isinstance(config.model, dict) and config.model.get("kind") == "pix2pix" and (
-            config.template != "source" or config.conditions):
-        bad("model.kind", "pix2pix maps the source to the target: it needs `template: source` and no conditions")
+    kind = config.model.get("kind") if isinstance(config.model, dict) else None
+    if kind not in (None, "pix2pix", "cyclegan"):
+        bad("model.kind", f"{kind!r} is not a model kind; choose pix2pix or cyclegan (or leave it out: MUPAD SiT)")
+    if kind and (config.template != "source" or config.conditions):
+        bad("model.kind", f"{kind} maps the source to the target: it needs `template: source` and no conditions")
     if config.task == "vae" and (config.conditions or config.template):
         bad("conditions", "task vae trains a latent codec: it takes no conditions and no template")
     if "rna" in config.conditions and "table" not in config.conditions["rna"]:

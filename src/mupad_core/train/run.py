@@ -42,7 +42,7 @@ from ..models.vae import load_vae
 from .config import ConfigError, RunConfig
 from .datasets import collate_items
 from .loop import Batch, TrainConfig, Trainer
-from ..models.baselines import build_pix2pix, pix2pix_loss
+from ..models.baselines import build_cyclegan, build_pix2pix, cyclegan_loss, pix2pix_loss
 from .vae import build_vae, calibrate_scaling, kl_weight, vae_loss
 
 CHECKPOINTS = "checkpoints"
@@ -334,11 +334,16 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
     dataset = build_dataset(config)
     encoders, rna_scores = build_encoders(config, process.device)
     teacher = None
-    regression = config.model.get("kind") == "pix2pix"
+    kind = config.model.get("kind")
+    regression = kind == "pix2pix"
+    if kind == "cyclegan" and process.world > 1:
+        raise ConfigError(f"{config.source_file}: model.kind cyclegan trains in one process (no DDP)")
     if training_vae:
         model = build_vae(config)
     elif regression:
         model = build_pix2pix(config.model, codec.latent_channels, codec.latent_channels, config.seed)
+    elif kind == "cyclegan":
+        model = build_cyclegan(config.model, codec.latent_channels, codec.latent_channels, config.seed)
     else:
         teacher = build_teacher(config, process.device)
         model = build_model(config, codec, encoders, teacher)
@@ -361,7 +366,11 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         autocast=_precision(config, process.device),
         sync_grads=(lambda: _average_grads(trainable_encoders, process)) if process.world > 1 else None,
         loss_fn=(lambda net_, batch, gen: vae_loss(net_, batch.latents, kl_weight(config), gen)) if training_vae
-        else (lambda net_, batch, gen: pix2pix_loss(net_, batch.concat, batch.latents)) if regression else None,
+        else (lambda net_, batch, gen: pix2pix_loss(net_, batch.concat, batch.latents)) if regression
+        else (lambda net_, batch, gen: cyclegan_loss(net_, batch.concat, batch.latents,
+                                                     config.model.get("cycle_weight", 10.0),
+                                                     config.model.get("identity_weight", 0.5)))
+        if kind == "cyclegan" else None,
     )
     resumed_from = 0
     history: list[dict[str, float]] = []
@@ -541,7 +550,10 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
         **({"channels": config.channels, "colors": config.channel_colors} if config.channels else {}),
         "config_fingerprint": config.fingerprint(),
     }
-    save_model(trainer.averaged_model(), partial, pipeline=pipeline, card=MODEL_CARD.format(
+    network = trainer.averaged_model()
+    if config.model.get("kind") == "cyclegan":
+        network = network.g_ab  # the source->target translator; the rest only served training
+    save_model(network, partial, pipeline=pipeline, card=MODEL_CARD.format(
         name=config.name, task=config.task, steps=trainer.step, software=__version__))
     for modality, encoder in encoders.items():
         if modality == "image" and any(True for _ in encoder.parameters()):
