@@ -172,7 +172,7 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     if spec == "identity":
         return IdentityHandle()
     from ..models.checkpoint import CHECKPOINT_FILES, load_model, read_pipeline, weights_sha256
-    from ..models.vae import load_vae
+    from ..models.vae import codec_for, load_vae
     from ..zoo import resolve_model
 
     folder = resolve_model(spec, CHECKPOINT_FILES)
@@ -199,6 +199,6 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
             "trained with the source latent as spatial template (concat_channels > 0)"
         )
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return SiTImageToImageHandle(model, load_vae(pipeline["vae"], device=device), str(spec),
-                                 weights_sha256(folder), device=device, dtype=dtype,
+    codec = codec_for(pipeline["vae"], pipeline.get("channels"), device=device)  # marker groups for N != 3
+    return SiTImageToImageHandle(model, codec, str(spec), weights_sha256(folder), device=device, dtype=dtype,
                                  channel_names=pipeline.get("channels"), channel_colors=pipeline.get("colors"))

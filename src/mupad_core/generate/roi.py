@@ -173,7 +173,7 @@ def load_generator(spec: str | Path, device: str = "cpu", allow_template: bool =
     (`allow_template`: also a restaining model, for measurements that pass the template)."""
     from ..models.checkpoint import CHECKPOINT_FILES, load_model, read_pipeline, weights_sha256
     from ..models.conditioning import build_encoder
-    from ..models.vae import load_vae
+    from ..models.vae import codec_for
 
     from ..zoo import resolve_model
 
@@ -202,7 +202,7 @@ def load_generator(spec: str | Path, device: str = "cpu", allow_template: bool =
 
             encoder.load_state_dict(load_file(weights), strict=True)
         encoders[modality] = encoder.to(device).eval()
-    return RegionGenerator(model=model, codec=load_vae(pipeline["vae"], device=device), encoders=encoders,
+    return RegionGenerator(model=model, codec=codec_for(pipeline["vae"], pipeline.get("channels"), device=device), encoders=encoders,
                            model_id=str(spec), weights_hash=weights_sha256(folder),
                            window_px=int(pipeline.get("window_px", 256)), image_px=int(pipeline.get("image_px", 224)),
                            device=torch.device(device))

@@ -85,6 +85,57 @@ class DiffusersVAE:
         return self
 
 
+class MarkerGroupCodec:
+    """N marker channels as ceil(N/3) three-channel images, each through one RGB codec (the
+    paper's H&E->mIF design: markers grouped into 3-channel sets, each encoded by the VAE).
+
+    The group latents are stacked along channels, so a 6-marker target is 2 x 4 = 8 latent
+    channels under an SD-style VAE. Any channel count encodes (an RGB source is one group);
+    the last group is padded with empty channels, which decoding drops again.
+    """
+
+    def __init__(self, inner: LatentCodec, image_channels: int):
+        if image_channels < 1:
+            raise ValueError(f"need at least one marker channel, got {image_channels}")
+        self.inner = inner
+        self.image_channels = image_channels
+        self.downscale = inner.downscale
+        self.needs_tiling = getattr(inner, "needs_tiling", True)
+        self.groups = -(-image_channels // 3)
+        self.latent_channels = self.latent_channels_for(image_channels)
+
+    def latent_channels_for(self, channels: int) -> int:
+        return -(-channels // 3) * self.inner.latent_channels
+
+    def encode(self, images, generator=None):
+        c = images.shape[1]
+        pad = -c % 3
+        if pad:
+            images = torch.cat([images, images.new_zeros(images.shape[0], pad, *images.shape[2:])], dim=1)
+        return torch.cat([self.inner.encode(group, generator=generator) for group in images.split(3, dim=1)], dim=1)
+
+    def decode(self, latents):
+        groups = latents.split(self.inner.latent_channels, dim=1)
+        images = torch.cat([self.inner.decode(group) for group in groups], dim=1)
+        return images[:, : self.image_channels] if len(groups) == self.groups else images
+
+    def to(self, device=None, dtype=None):
+        if hasattr(self.inner, "to"):
+            self.inner.to(device=device, dtype=dtype)
+        return self
+
+    def __repr__(self):
+        return f"{self.inner!r} x {self.groups} marker groups"
+
+
+def codec_for(spec: str | Path, channels: list[str] | None = None, *, device=None) -> LatentCodec:
+    """The codec of a model: `load_vae(spec)`, grouped by three when the output has other than 3 channels."""
+    codec = load_vae(spec, device=device)
+    if channels and len(channels) != 3:
+        return MarkerGroupCodec(codec, len(channels))
+    return codec
+
+
 def load_vae(spec: str | Path, *, subfolder: str | None = None, device=None, dtype=None) -> LatentCodec:
     """`pixel-unshuffle:F`, a local AutoencoderKL folder, or a hub id (e.g. a model's `vae`)."""
     spec_str = str(spec)

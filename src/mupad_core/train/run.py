@@ -38,7 +38,7 @@ from .. import __version__
 from ..models.checkpoint import save_model
 from ..models.conditions import Conditions
 from ..models.sit import MupadSiT
-from ..models.vae import load_vae
+from ..models.vae import codec_for
 from .config import ConfigError, RunConfig
 from .datasets import collate_items
 from .loop import Batch, TrainConfig, Trainer
@@ -268,9 +268,10 @@ def build_model(config: RunConfig, codec, encoders: dict[str, Any], teacher=None
         if config.teacher.cls:
             options["cls_dim"] = teacher.pooled_dim
     channels = codec.latent_channels
+    source_channels = codec.latent_channels_for(3) if hasattr(codec, "latent_channels_for") else channels
     condition_dims = {m: e.token_dim for m, e in encoders.items()}
     condition_tokens = {m: e.num_tokens for m, e in encoders.items() if getattr(e, "num_tokens", None)}
-    kwargs = dict(in_channels=channels, concat_channels=channels if config.template == "source" else 0,
+    kwargs = dict(in_channels=channels, concat_channels=source_channels if config.template == "source" else 0,
                   condition_dims=condition_dims, condition_tokens=condition_tokens, **options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -330,7 +331,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
     _barrier(process)
 
     training_vae = config.task == "vae"
-    codec = UnitRange() if training_vae else load_vae(config.vae, device=process.device)
+    codec = UnitRange() if training_vae else codec_for(config.vae, config.channels, device=process.device)
     dataset = build_dataset(config)
     encoders, rna_scores = build_encoders(config, process.device)
     teacher = None
@@ -528,7 +529,7 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
     shutil.rmtree(partial, ignore_errors=True)
     window_px = config.data.patch_px if config.data.kind == "slides" else (config.data.crop_px or 256)
     pipeline = {
-        "vae": config.vae if not str(config.vae).startswith("pixel-unshuffle") else repr(codec),
+        "vae": config.vae if not str(config.vae).startswith("pixel-unshuffle") else repr(getattr(codec, "inner", codec)),
         "tasks": [config.task],
         "template": config.template,
         **({"kind": config.model["kind"]} if config.model.get("kind") else {}),  # e.g. a pix2pix baseline
