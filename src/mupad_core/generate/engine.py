@@ -74,10 +74,11 @@ def _check(config: StainConfig, handle: ModelHandle) -> None:
         raise ValueError(f"steps must be at least 1, got {config.steps}")
     if config.batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {config.batch_size}")
-    if config.guidance != 0 and not handle.passthrough:
-        # The engine has no condition tokens to drop yet (they arrive with the task layer):
-        # accepting a guidance weight would record a setting that did nothing.
-        raise ValueError(f"guidance {config.guidance} needs condition tokens, which this engine does not pass yet; use 0")
+    if config.guidance != 0 and not handle.passthrough and not getattr(handle, "conditioned", False):
+        # Accepting a guidance weight for a model with no condition stream would record a
+        # setting that did nothing.
+        raise ValueError(f"guidance {config.guidance} needs a model with an image condition stream; "
+                         f"{handle.model_id} has none: use 0")
     if config.block_px % config.chunk_px:
         raise ValueError(f"block size {config.block_px} must be a multiple of the chunk size {config.chunk_px}")
     if config.fusion not in ("cosine", "uniform"):
@@ -219,7 +220,8 @@ def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent,
     t_start = 1.0 - config.strength
     if t_start > 0:
         # A variation: the source itself, noised to t_start along the same path the model learnt.
-        x = interpolate(prepared.source_latent.cpu()[None], x[None], torch.tensor([t_start]))[0]
+        source = handle.source_latent(prepared) if hasattr(handle, "source_latent") else prepared.source_latent
+        x = interpolate(source.cpu()[None], x[None], torch.tensor([t_start]))[0]
     ts = time_grid(config.steps, t_start)
     # A CLS model (REG) generates one global token per window along with it: each window
     # keeps its own, starting from noise fixed by the window's global position, so a
@@ -232,11 +234,13 @@ def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent,
         for start in range(0, len(windows), config.batch_size):
             group = windows[start : start + config.batch_size]
             batch = torch.stack([x[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in group])
+            guided = {"guidance": config.guidance} if config.guidance else {}
             if cls is None:
-                v = handle.window_velocity(batch, t0, prepared, group).cpu()
+                v = handle.window_velocity(batch, t0, prepared, group, **guided).cpu()
             else:
                 keys = [(w.y, w.x) for w in group]
-                v, cv = handle.window_velocity(batch, t0, prepared, group, cls=torch.stack([cls[k] for k in keys]))
+                v, cv = handle.window_velocity(batch, t0, prepared, group, cls=torch.stack([cls[k] for k in keys]),
+                                               **guided)
                 v = v.cpu()
                 for k, c in zip(keys, cv.cpu()):
                     cls[k] = cls[k] + dt * c

@@ -53,22 +53,39 @@ class IdentityHandle:
 class PreparedBlock:
     source_latent: torch.Tensor  # (C, h, w) spatial template for the whole block
     predictions: dict = field(default_factory=dict)  # one-pass models: window (y, x) -> prediction
+    source: torch.Tensor | None = None  # (3, H, W) block pixels, for per-window image tokens
+    tokens: dict = field(default_factory=dict)  # window (y, x) -> its image tokens (computed once)
 
 
 class SiTImageToImageHandle:
-    """A MupadSiT that takes the source latent as a spatial template (`concat_channels`).
+    """A MupadSiT that sees the source through a spatial template (`concat_channels`), an
+    image condition stream, or both.
 
-    This is the H&E->X design of the paper (H&E->mIF concatenates the H&E latent with the
-    noisy target latent at every step). Condition tokens beyond the template belong to
-    the task layer.
+    The template is the paper's H&E->X design (H&E->mIF concatenates the H&E latent with
+    the noisy target latent at every step). The image stream gets each window's own source
+    pixels as tokens (`image_encoder`, resized to the `image_px` it was trained on), so a
+    variations model keeps the layout window by window; `token_map` can translate those
+    tokens first (the embedding-space H&E->IHC flow). With tokens, classifier-free guidance
+    runs the unconditional pass with the stream switched off.
     """
 
     passthrough = False
+    image_encoder = token_map = image_px = None
 
     def __init__(self, model, codec, model_id: str, weights_hash: str, device="cpu", dtype=torch.float32,
-                 channel_names: list[str] | None = None, channel_colors: list[str] | None = None):
-        if not model.config.concat_channels:
-            raise ValueError(f"{model_id}: model has no spatial template input (concat_channels=0)")
+                 channel_names: list[str] | None = None, channel_colors: list[str] | None = None,
+                 image_encoder=None, image_px: int | None = None, token_map=None):
+        streams = set(model.config.condition_dims or {})
+        if streams - {"image"}:
+            raise ValueError(f"{model_id}: whole-slide generation passes image tokens only; this model also needs "
+                             f"{', '.join(sorted(streams - {'image'}))} (generate those at ROI size)")
+        if not model.config.concat_channels and not streams:
+            raise ValueError(f"{model_id}: model has no spatial template input (concat_channels=0) and no image stream")
+        if streams and image_encoder is None:
+            raise ValueError(f"{model_id}: model has an image stream; pass its image encoder")
+        self.image_encoder = image_encoder.to(device).eval() if image_encoder is not None else None
+        self.image_px = image_px
+        self.token_map = token_map
         self.model = model.to(device).eval()
         self.codec = codec
         self.model_id = model_id
@@ -82,8 +99,42 @@ class SiTImageToImageHandle:
         self.channel_names = channel_names
         self.channel_colors = channel_colors
 
+    @property
+    def conditioned(self) -> bool:
+        return self.image_encoder is not None
+
     def prepare(self, source: torch.Tensor) -> PreparedBlock:
-        return PreparedBlock(source_latent=tiled_encode(self.codec, source.to(self.device)))
+        template = getattr(self, "model", None) is None or self.model.config.concat_channels
+        latent = tiled_encode(self.codec, source.to(self.device)) if template else None
+        return PreparedBlock(source_latent=latent, source=source if self.conditioned else None)
+
+    def source_latent(self, prepared: PreparedBlock) -> torch.Tensor:
+        """The block's source latent (encoded on first use when the model has no template)."""
+        if prepared.source_latent is None:
+            prepared.source_latent = tiled_encode(self.codec, prepared.source.to(self.device))
+        return prepared.source_latent
+
+    def _window_tokens(self, prepared: PreparedBlock, windows) -> torch.Tensor:
+        """Image tokens of each window's source pixels (cached: the same at every step)."""
+        d = self.downscale
+        missing = [w for w in windows if (w.y, w.x) not in prepared.tokens]
+        if missing:
+            crops = torch.stack([prepared.source[:, w.y * d : (w.y + w.h) * d, w.x * d : (w.x + w.w) * d]
+                                 for w in missing]).to(self.device)
+            size = self.image_px
+            patch = getattr(self.image_encoder, "patch_size", 1)
+            if size and not hasattr(self.image_encoder, "input_size"):  # builtin CNN: the size it learnt at
+                size = max(patch, size // patch * patch)
+                if crops.shape[-1] != size or crops.shape[-2] != size:
+                    crops = torch.nn.functional.interpolate(crops, size=(size, size), mode="bilinear",
+                                                            antialias=True, align_corners=False).clamp(0, 1)
+            # One window at a time: a window's tokens then do not depend on which other
+            # windows share its batch (convolution kernels chosen per batch size differ in
+            # the last bits), so blocks cut differently give identical pixels.
+            for w, crop in zip(missing, crops):
+                tokens = self.image_encoder.encode(crop[None]).tokens
+                prepared.tokens[(w.y, w.x)] = (self.token_map(tokens) if self.token_map is not None else tokens)[0]
+        return torch.stack([prepared.tokens[(w.y, w.x)] for w in windows])
 
     @property
     def cls_dim(self) -> int:
@@ -91,17 +142,37 @@ class SiTImageToImageHandle:
         return int(getattr(self, "model", None) and self.model.config.get("cls_dim") or 0)
 
     @torch.no_grad()
-    def window_velocity(self, x, t, prepared: PreparedBlock, windows, cls: torch.Tensor | None = None):
-        """Velocities of the windows; with `cls` (one token per window) also the tokens' velocities."""
-        concat = torch.stack([prepared.source_latent[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in windows])
+    def window_velocity(self, x, t, prepared: PreparedBlock, windows, cls: torch.Tensor | None = None,
+                        guidance: float = 0.0):
+        """Velocities of the windows; with `cls` (one token per window) also the tokens' velocities.
+        `guidance` w: v = v_c + w (v_c - v_u), the image stream switched off for v_u."""
+        from ..models.conditions import Conditions
+
+        concat = None
+        if self.model.config.concat_channels:
+            concat = torch.stack([prepared.source_latent[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in windows])
+        conditions = Conditions(tokens={"image": self._window_tokens(prepared, windows)}) if self.conditioned else None
+        x = x.to(self.device)
+        cls = None if cls is None else cls.to(self.device)
+        n = 1
+        if guidance and conditions is not None:
+            n = 2
+            conditions = Conditions.concat([conditions, conditions.without("image")])
+            x, concat = torch.cat([x, x]), None if concat is None else torch.cat([concat, concat])
+            cls = None if cls is None else torch.cat([cls, cls])
         tt = torch.full((x.shape[0],), float(t), device=self.device)
         use_bf16 = self.device.type == "cuda" and self.dtype == torch.bfloat16
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            out = self.model(x.to(self.device), tt, None, concat=concat,
-                             cls=None if cls is None else cls.to(self.device))
-        if cls is None:
-            return out.velocity.float()
-        return out.velocity.float(), out.cls_velocity.float()
+            out = self.model(x, tt, conditions, concat=concat, cls=cls)
+        velocity = out.velocity.float()
+        cls_velocity = None if out.cls_velocity is None else out.cls_velocity.float()
+        if n == 2:
+            v_c, v_u = velocity.chunk(2)
+            velocity = v_c + guidance * (v_c - v_u)
+            if cls_velocity is not None:
+                c_c, c_u = cls_velocity.chunk(2)
+                cls_velocity = c_c + guidance * (c_c - c_u)
+        return velocity if cls is None else (velocity, cls_velocity)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return tiled_decode(self.codec, latent.to(self.device)).cpu()
@@ -186,19 +257,26 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     if pipeline.get("kind") in ONE_PASS_KINDS:
         return OnePassHandle(model, load_vae(pipeline["vae"], device=device), str(spec), weights_sha256(folder),
                              device=device)
-    if model.config.condition_dims:
+    streams = set(model.config.condition_dims or {})
+    if streams - {"image"}:
         # Refused before any output exists, rather than failing (or silently running
         # unconditional) in the middle of a slide.
         raise ValueError(
-            f"{folder}: model needs condition tokens ({', '.join(model.config.condition_dims)}); "
-            "whole-slide staining with conditioned models comes with the task layer — use a spatial-template model"
+            f"{folder}: model needs {', '.join(sorted(streams - {'image'}))} condition tokens, which a slide does not "
+            "give; generate with it at ROI size (`mupad generate`, the ROI widget)"
         )
-    if not model.config.concat_channels:
+    if not model.config.concat_channels and not streams:
         raise ValueError(
-            f"{folder}: this model generates from tokens only; whole-slide staining needs a model "
-            "trained with the source latent as spatial template (concat_channels > 0)"
+            f"{folder}: this model generates from noise alone; whole-slide staining needs the source as a "
+            "spatial template (concat_channels > 0) or an image condition stream"
         )
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     codec = codec_for(pipeline["vae"], pipeline.get("channels"), device=device)  # marker groups for N != 3
+    image_encoder = None
+    if "image" in streams:
+        from .roi import load_generator
+
+        image_encoder = load_generator(str(folder), device=device, allow_template=True).encoders["image"]
     return SiTImageToImageHandle(model, codec, str(spec), weights_sha256(folder), device=device, dtype=dtype,
-                                 channel_names=pipeline.get("channels"), channel_colors=pipeline.get("colors"))
+                                 channel_names=pipeline.get("channels"), channel_colors=pipeline.get("colors"),
+                                 image_encoder=image_encoder, image_px=pipeline.get("image_px"))

@@ -202,8 +202,8 @@ def load_generator(spec: str | Path, device: str = "cpu", allow_template: bool =
 
             encoder.load_state_dict(load_file(weights), strict=True)
         encoders[modality] = encoder.to(device).eval()
-    return RegionGenerator(model=model, codec=codec_for(pipeline["vae"], pipeline.get("channels"), device=device), encoders=encoders,
-                           model_id=str(spec), weights_hash=weights_sha256(folder),
+    codec = codec_for(pipeline["vae"], pipeline.get("channels"), device=device)
+    return RegionGenerator(model=model, codec=codec, encoders=encoders, model_id=str(spec), weights_hash=weights_sha256(folder),
                            window_px=int(pipeline.get("window_px", 256)), image_px=int(pipeline.get("image_px", 224)),
                            device=torch.device(device))
 
