@@ -254,6 +254,8 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     model = load_model(folder)
     from ..models.baselines import ONE_PASS_KINDS
 
+    if pipeline.get("kind") == "embedding-flow":
+        return _embedding_flow_handle(folder, spec, pipeline, device)
     if pipeline.get("kind") in ONE_PASS_KINDS:
         return OnePassHandle(model, load_vae(pipeline["vae"], device=device), str(spec), weights_sha256(folder),
                              device=device)
@@ -280,3 +282,26 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     return SiTImageToImageHandle(model, codec, str(spec), weights_sha256(folder), device=device, dtype=dtype,
                                  channel_names=pipeline.get("channels"), channel_colors=pipeline.get("colors"),
                                  image_encoder=image_encoder, image_px=pipeline.get("image_px"))
+
+
+def _embedding_flow_handle(folder, spec, pipeline: dict, device) -> SiTImageToImageHandle:
+    """The flow's generator, its window tokens translated by the flow first (paper eq. 6)."""
+    import hashlib
+
+    from ..models.checkpoint import load_model, read_pipeline, weights_sha256
+    from ..zoo import resolve_model
+
+    flow = load_model(folder, device=device)
+    generator = pipeline["generator"]
+    generator_tasks = read_pipeline(resolve_model(generator)).get("tasks") or ["image2image"]
+    handle = load_handle(generator, generator_tasks[0], device=device)
+    if not getattr(handle, "conditioned", False):
+        raise ValueError(f"{folder}: its generator {generator} has no image stream to feed translated tokens")
+    if int(flow.config.embed_dim) != int(handle.image_encoder.token_dim):
+        raise ValueError(f"{folder}: the flow maps {flow.config.embed_dim}-d tokens, its generator's encoder gives "
+                         f"{handle.image_encoder.token_dim}-d")
+    steps = int(pipeline.get("flow_steps", 8))
+    handle.token_map = lambda tokens: flow.translate(tokens, steps)
+    handle.model_id = str(spec)
+    handle.weights_hash = hashlib.sha256((weights_sha256(folder) + handle.weights_hash).encode()).hexdigest()
+    return handle

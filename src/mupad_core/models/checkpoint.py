@@ -24,8 +24,15 @@ def _unet():
     return UNet2DModel
 
 
-# Classes a MUPAD checkpoint folder may hold: the denoiser, and the one-pass baseline.
-MODEL_CLASSES = {"MupadSiT": MupadSiT, "UNet2DModel": None}
+def _embedding_flow():
+    from .embedding_flow import EmbeddingFlow
+
+    return EmbeddingFlow
+
+
+# Classes a MUPAD checkpoint folder may hold: the denoiser, the one-pass baselines (a
+# U-Net), and the embedding-space H&E->IHC flow. None: imported on first use.
+MODEL_CLASSES = {"MupadSiT": MupadSiT, "UNet2DModel": None, "EmbeddingFlow": None}
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a hub download of a MUPAD checkpoint fetches: never pickles, never the whole repo.
@@ -105,7 +112,7 @@ def load_model(path_or_id: str | Path, *, device=None, dtype=None) -> MupadSiT:
             f"{folder / 'config.json'}: model class {class_name!r} is not a MUPAD model "
             f"(known: {', '.join(MODEL_CLASSES)})"
         )
-    cls = MODEL_CLASSES[class_name] or _unet()
+    cls = MODEL_CLASSES[class_name] or (_embedding_flow() if class_name == "EmbeddingFlow" else _unet())
     try:
         model = cls.from_config(config)
     except (TypeError, ValueError) as exc:

@@ -201,8 +201,12 @@ def check_config(config: RunConfig, source: str) -> None:
         if not isinstance(spec, dict):
             bad(f"conditions.{modality}", "expected a mapping such as {encoder: builtin}")
     kind = config.model.get("kind") if isinstance(config.model, dict) else None
-    if kind not in (None, "pix2pix", "cyclegan"):
-        bad("model.kind", f"{kind!r} is not a model kind; choose pix2pix or cyclegan (or leave it out: MUPAD SiT)")
+    if kind not in (None, "pix2pix", "cyclegan", "embedding-flow"):
+        bad("model.kind", f"{kind!r} is not a model kind; choose pix2pix, cyclegan or embedding-flow "
+                          "(or leave it out: MUPAD SiT)")
+    if kind == "embedding-flow" and not config.model.get("generator"):
+        bad("model.generator", "an embedding flow translates tokens for a generator: name its model "
+                               "(a folder or id of an image-stream model trained on target images)")
     if kind and (config.template != "source" or config.conditions):
         bad("model.kind", f"{kind} maps the source to the target: it needs `template: source` and no conditions")
     if config.task == "vae" and (config.conditions or config.template):

@@ -43,6 +43,7 @@ from .config import ConfigError, RunConfig
 from .datasets import collate_items
 from .loop import Batch, TrainConfig, Trainer
 from ..models.baselines import build_cyclegan, build_pix2pix, cyclegan_loss, pix2pix_loss
+from ..models.embedding_flow import embedding_flow_loss
 from .vae import build_vae, calibrate_scaling, kl_weight, vae_loss
 
 CHECKPOINTS = "checkpoints"
@@ -331,11 +332,14 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
     _barrier(process)
 
     training_vae = config.task == "vae"
-    codec = UnitRange() if training_vae else codec_for(config.vae, config.channels, device=process.device)
+    kind = config.model.get("kind")
+    if kind == "embedding-flow":
+        codec = TokenCodec.of_generator(_generator_spec(config), process.device)
+    else:
+        codec = UnitRange() if training_vae else codec_for(config.vae, config.channels, device=process.device)
     dataset = build_dataset(config)
     encoders, rna_scores = build_encoders(config, process.device)
     teacher = None
-    kind = config.model.get("kind")
     regression = kind == "pix2pix"
     if kind == "cyclegan" and process.world > 1:
         raise ConfigError(f"{config.source_file}: model.kind cyclegan trains in one process (no DDP)")
@@ -345,6 +349,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         model = build_pix2pix(config.model, codec.latent_channels, codec.latent_channels, config.seed)
     elif kind == "cyclegan":
         model = build_cyclegan(config.model, codec.latent_channels, codec.latent_channels, config.seed)
+    elif kind == "embedding-flow":
+        model = build_embedding_flow(config.model, codec.latent_channels, config.seed)
     else:
         teacher = build_teacher(config, process.device)
         model = build_model(config, codec, encoders, teacher)
@@ -371,7 +377,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         else (lambda net_, batch, gen: cyclegan_loss(net_, batch.concat, batch.latents,
                                                      config.model.get("cycle_weight", 10.0),
                                                      config.model.get("identity_weight", 0.5)))
-        if kind == "cyclegan" else None,
+        if kind == "cyclegan"
+        else (lambda net_, batch, gen: embedding_flow_loss(net_, batch.concat, batch.latents, gen))
+        if kind == "embedding-flow" else None,
     )
     resumed_from = 0
     history: list[dict[str, float]] = []
@@ -533,6 +541,8 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
         "tasks": [config.task],
         "template": config.template,
         **({"kind": config.model["kind"]} if config.model.get("kind") else {}),  # e.g. a pix2pix baseline
+        **({"generator": _generator_spec(config), "flow_steps": int(config.model.get("flow_steps", 8))}
+           if config.model.get("kind") == "embedding-flow" else {}),
         "conditions": sorted(config.conditions),
         # How to rebuild each stream's encoder at inference (generate/roi.py reads this).
         "encoders": {m: {"name": s.get("encoder"), **{k: v for k, v in s.items()
@@ -563,6 +573,53 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     return folder
+
+
+def _generator_spec(config: RunConfig) -> str:
+    """The generator an embedding flow feeds: a folder (relative to the config) or a model id."""
+    spec = str(config.model["generator"])
+    path = config.resolve(spec)
+    return str(path) if path.exists() else spec
+
+
+def build_embedding_flow(options: dict, embed_dim: int, seed: int):
+    from ..models.embedding_flow import EmbeddingFlow
+
+    kwargs = {k: v for k, v in options.items() if k not in ("kind", "generator", "flow_steps")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return EmbeddingFlow(embed_dim=embed_dim, **kwargs)
+
+
+class TokenCodec:
+    """The 'codec' of an embedding-flow run: images to the generator's image tokens (frozen).
+
+    Images are resized to the size the generator's encoder learnt at, as at inference."""
+
+    downscale = 1
+
+    def __init__(self, encoder, image_px: int | None):
+        self.encoder, self.image_px = encoder.eval().requires_grad_(False), image_px
+        self.latent_channels = int(encoder.token_dim)
+
+    @classmethod
+    def of_generator(cls, spec: str, device) -> TokenCodec:
+        from ..generate.roi import load_generator
+
+        gen = load_generator(spec, device=device, allow_template=True)
+        if "image" not in gen.encoders:
+            raise ConfigError(f"{spec}: the generator has no image stream; an embedding flow needs one")
+        return cls(gen.encoders["image"], gen.image_px)
+
+    @torch.no_grad()
+    def encode(self, images, generator=None):
+        patch = getattr(self.encoder, "patch_size", 1)
+        if self.image_px and not hasattr(self.encoder, "input_size"):
+            size = max(patch, self.image_px // patch * patch)
+            if images.shape[-1] != size or images.shape[-2] != size:
+                images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                                         align_corners=False).clamp(0, 1)
+        return self.encoder.encode(images).tokens
 
 
 class UnitRange:
