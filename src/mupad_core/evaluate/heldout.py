@@ -80,7 +80,6 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-@torch.no_grad()
 def _teacher_of(model, device):
     from ..models.checkpoint import read_pipeline
     from ..models.teachers import load_teacher
@@ -93,6 +92,7 @@ def _teacher_of(model, device):
                         source=spec.get("source")).to(device)
 
 
+@torch.no_grad()
 def heldout_denoising_loss(model: str | Path, manifest: str | Path, *, split: str = "val", crop_px: int | None = None,
                            times: int = 8, seeds: int = 4) -> dict:
     """Velocity loss on held-out images with their conditions, and with every condition
