@@ -69,6 +69,13 @@ def test_eval_writes_a_report_that_ranks_a_copy_above_a_blur(region, tmp_path, c
     grid = np.asarray(Image.open(tmp_path / "report" / "grid.png"))
     assert grid.shape == (4 * TILE, 3 * TILE, 3)  # 4 rows: real | blurred | copy
     assert (tmp_path / "report" / "distribution.png").stat().st_size > 5000
+    # Per channel: intervals over tiles around the mean, slide-level PCC of tile means, plots.
+    for entry in (blur, copy):
+        pp = entry["paired"]["patch_pcc"]
+        assert all(lo <= v <= hi for v, lo, hi in zip(pp["per_channel"], pp["low"], pp["high"]))
+    assert copy["paired"]["slide_pcc"] == pytest.approx([1.0, 1.0, 1.0])
+    assert blur["paired"]["slide_pcc"][0] > 0.9  # a blur keeps tile means
+    assert (tmp_path / "report" / "markers.png").is_file() and (tmp_path / "report" / "scatter.png").is_file()
 
 
 def test_eval_input_mistakes_name_the_path(tmp_path, capsys):

@@ -35,6 +35,7 @@ class ImageSet:
     name: str
     source: str
     tiles: dict[str, np.ndarray] = field(default_factory=dict)
+    channels: list[str] | None = None  # marker names (an mIF store's omero labels)
 
 
 def load_set(path: str | Path, name: str | None = None, tile: int = 256, max_tiles: int = 2000,
@@ -56,6 +57,8 @@ def load_set(path: str | Path, name: str | None = None, tile: int = 256, max_til
 
     with open_slide(path, require_mpp=False) as reader:
         width, height = reader.dimensions
+        if reader.kind == "fluorescence":
+            images.channels = list(reader.channel_names)
         for y in range(0, height - tile + 1, tile):
             for x in range(0, width - tile + 1, tile):
                 pixels = reader.read_region(0, x, y, tile, tile)
@@ -83,6 +86,7 @@ def paired_metrics(prediction: ImageSet, reference: ImageSet) -> dict | None:
     if not common:
         return None
     rows = {"psnr": [], "ssim": [], "pcc": [], "patch_pcc": []}
+    tile_means = {"prediction": [], "reference": []}  # per tile and channel: slide-level PCC
     for key in common:
         p, r = prediction.tiles[key], reference.tiles[key]
         if p.shape != r.shape:
@@ -92,11 +96,26 @@ def paired_metrics(prediction: ImageSet, reference: ImageSet) -> dict | None:
         rows["patch_pcc"].append(patch_pearson(p, r))
         rows["ssim"].append(np.array([structural_similarity(p[..., c], r[..., c], data_range=255)
                                       for c in range(p.shape[-1])]))
+        tile_means["prediction"].append(p.reshape(-1, p.shape[-1]).mean(0))
+        tile_means["reference"].append(r.reshape(-1, r.shape[-1]).mean(0))
     out = {"tiles": len(common)}
+    rng = np.random.default_rng(0)
     for metric, values in rows.items():
-        per_channel = np.nanmean(np.stack(values), axis=0)
+        stacked = np.stack(values)  # (tiles, channels)
+        per_channel = np.nanmean(stacked, axis=0)
+        # 95% interval of the mean over tiles, per channel (percentile bootstrap of tiles).
+        draws = np.stack([np.nanmean(stacked[rng.integers(0, len(stacked), len(stacked))], axis=0)
+                          for _ in range(200)])
+        low, high = np.nanpercentile(draws, [2.5, 97.5], axis=0)
         out[metric] = {"per_channel": [round(float(v), 4) for v in per_channel],
+                       "low": [round(float(v), 4) for v in low], "high": [round(float(v), 4) for v in high],
                        "mean": round(float(np.nanmean(per_channel)), 4)}
+    pred, ref = np.stack(tile_means["prediction"]), np.stack(tile_means["reference"])
+    out["tile_means"] = {"prediction": pred.round(3).tolist(), "reference": ref.round(3).tolist()}
+    if len(common) > 2:
+        from .metrics import _corr
+
+        out["slide_pcc"] = [round(float(v), 4) for v in _corr(pred, ref)]  # across tiles, per channel
     return out
 
 
@@ -197,6 +216,8 @@ def write_report(results: dict, out_dir: str | Path, prediction: ImageSet, refer
     fig.savefig(out_dir / "distribution.png", dpi=110)
     plt.close(fig)
 
+    if any(st["paired"] for st in sets):
+        _marker_plots(sets, reference.channels or prediction.channels, out_dir)
     grid = _grid([reference, prediction, *baselines], grid_tiles)
     if grid is not None:
         Image.fromarray(grid).save(out_dir / "grid.png")
@@ -238,6 +259,20 @@ def write_report(results: dict, out_dir: str | Path, prediction: ImageSet, refer
             lines.append(f"| {s['name']} | {g['nuclei']} ({r['nuclei']}) | {g['per_mm2']} ({r['per_mm2']}) | {fr} | "
                          f"{c['class_wasserstein']} | {c['dab_positive_difference']:+.3f} | {w['area']} | "
                          f"{w['hematoxylin']} | {w['dab']} |")
+    if paired:
+        names = reference.channels or prediction.channels or [f"channel {i}" for i in
+                                                               range(len(paired[0]["paired"]["patch_pcc"]["per_channel"]))]
+        lines += ["", "Per channel (8-px patch PCC, 95% interval over tiles; slide-level PCC of tile means):", "",
+                  "| set | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for st in paired:
+            pp = st["paired"]["patch_pcc"]
+            cells = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(pp["per_channel"], pp["low"], pp["high"])]
+            lines.append(f"| {st['name']} | " + " | ".join(cells) + " |")
+            if st["paired"].get("slide_pcc"):
+                lines.append(f"| {st['name']} (slide-level) | " +
+                             " | ".join(f"{v:.3f}" for v in st["paired"]["slide_pcc"]) + " |")
+        lines += ["", "![per-channel patch PCC with 95% intervals](markers.png)", "",
+                  "![tile means, prediction against reference, per channel](scatter.png)"]
     lines += ["", "![FID and KID with intervals](distribution.png)", ""]
     if grid is not None:
         lines += [f"![tiles: {' | '.join([reference.name, prediction.name, *[b.name for b in baselines]])}](grid.png)",
@@ -246,6 +281,46 @@ def write_report(results: dict, out_dir: str | Path, prediction: ImageSet, refer
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def _marker_plots(sets: list[dict], channels: list[str] | None, out_dir: Path) -> None:
+    """markers.png: per-channel patch PCC bars with intervals; scatter.png: tile means per channel."""
+    import matplotlib.pyplot as plt
+
+    paired = [st for st in sets if st["paired"]]
+    count = len(paired[0]["paired"]["patch_pcc"]["per_channel"])
+    names = channels or [f"channel {i}" for i in range(count)]
+    fig, ax = plt.subplots(figsize=(max(4, 1.4 * count * len(paired)), 3.2))
+    width = 0.8 / len(paired)
+    for k, st in enumerate(paired):
+        pp = st["paired"]["patch_pcc"]
+        values = np.array(pp["per_channel"])
+        errors = np.array([values - np.array(pp["low"]), np.array(pp["high"]) - values]).clip(min=0)
+        ax.bar(np.arange(count) + k * width, values, width, yerr=errors, capsize=3, label=st["name"])
+    ax.set_xticks(np.arange(count) + width * (len(paired) - 1) / 2, names)
+    ax.set_ylabel("8-px patch PCC")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "markers.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, count, figsize=(3 * count, 3), squeeze=False)
+    for c in range(count):
+        ax = axes[0, c]
+        for st in paired:
+            means = st["paired"]["tile_means"]
+            ax.scatter(np.array(means["reference"])[:, c], np.array(means["prediction"])[:, c], s=10, label=st["name"])
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.5)
+        ax.set_title(names[c], fontsize=9)
+        ax.set_xlabel("reference tile mean")
+        if c == 0:
+            ax.set_ylabel("prediction tile mean")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "scatter.png", dpi=110)
+    plt.close(fig)
 
 
 def _grid(sets: list[ImageSet], count: int) -> np.ndarray | None:
