@@ -58,3 +58,25 @@ def test_guidance_uses_the_image_stream(tmp_path):
     assert np.abs(guided - plain).mean() > 1.0
     with open_slide(sample_slide_path()) as reader, pytest.raises(ValueError, match="no image condition|use 0"):
         run_stain(reader, load_handle("demo-he2ihc", "he2ihc"), tmp_path / "refused.ome.zarr", StainConfig(task="he2ihc", roi=ROI, guidance=1.0))
+
+
+def test_guidance_schedule_skips_the_unconditional_pass_where_the_weight_is_zero(tmp_path, monkeypatch):
+    """Guidance on part of the trajectory only: fewer network passes than constant guidance, other pixels."""
+    from mupad_core.generate.models import SiTImageToImageHandle
+
+    calls = {"guided": 0, "plain": 0}
+    original = SiTImageToImageHandle.window_velocity
+
+    def counting(self, x, t, prepared, windows, cls=None, guidance=0.0):
+        calls["guided" if guidance else "plain"] += 1
+        return original(self, x, t, prepared, windows, cls=cls, guidance=guidance)
+
+    monkeypatch.setattr(SiTImageToImageHandle, "window_velocity", counting)
+    constant = stain(tmp_path, "constant", guidance=1.5)[0]
+    constant_calls = dict(calls)
+    calls.update(guided=0, plain=0)
+    annealed = stain(tmp_path, "annealed", guidance=1.5, guidance_schedule="interval:0:0.5")[0]
+    assert constant_calls["plain"] == 0 and calls["plain"] > 0 and calls["guided"] < constant_calls["guided"]
+    assert np.abs(annealed - constant).mean() > 0.5
+    with pytest.raises(ValueError, match="guidance schedule"):
+        stain(tmp_path, "bad", guidance=1.0, guidance_schedule="interval:0.8:0.2")

@@ -317,7 +317,11 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint folder, hub id, or 'identity' (returns the input; for checks)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sampler", choices=("euler", "sde"), default="euler")
-    parser.add_argument("--guidance", type=float, default=0.0)
+    parser.add_argument("--guidance", type=float, default=0.0,
+                        help="classifier-free guidance weight (models with an image stream; default 0)")
+    parser.add_argument("--guidance-schedule", default="constant",
+                        help="constant, annealed (weight -> 0 over the trajectory: the paper's) or interval:LO:HI; "
+                             "the unconditional pass is skipped where the weight is 0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per network pass")
@@ -348,8 +352,8 @@ def _stain_config(args, **extra):
     from .generate.engine import StainConfig
 
     return StainConfig(
-        task=args.task, steps=args.steps, method=args.sampler, guidance=args.guidance, seed=args.seed,
-        batch_size=args.batch_size, version=args.format, resume=args.resume, overwrite=args.overwrite,
+        task=args.task, steps=args.steps, method=args.sampler, guidance=args.guidance,
+        guidance_schedule=args.guidance_schedule, seed=args.seed, batch_size=args.batch_size, version=args.format, resume=args.resume, overwrite=args.overwrite,
         window_px=args.window_px, overlap_px=args.overlap_px, block_px=args.block_px, margin_px=args.window_px,
         samples=args.samples, strength=args.strength, **extra,
     )

@@ -53,6 +53,10 @@ class StainConfig:
     steps: int = 20
     method: str = "euler"  # or "sde"
     guidance: float = 0.0
+    # "constant"; "annealed" (guidance -> 0 over the trajectory, the paper's 2.5 -> 0); or
+    # "interval:LO:HI" (guidance only for progress in [LO, HI]). Where the weight is 0 the
+    # unconditional pass is skipped, so annealing saves passes as well as changing samples.
+    guidance_schedule: str = "constant"
     seed: int = 0
     window_px: int = 256
     overlap_px: int = 64
@@ -79,6 +83,7 @@ def _check(config: StainConfig, handle: ModelHandle) -> None:
         # setting that did nothing.
         raise ValueError(f"guidance {config.guidance} needs a model with an image condition stream; "
                          f"{handle.model_id} has none: use 0")
+    guidance_schedule(config)  # raises on a malformed schedule
     if config.block_px % config.chunk_px:
         raise ValueError(f"block size {config.block_px} must be a multiple of the chunk size {config.chunk_px}")
     if config.fusion not in ("cosine", "uniform"):
@@ -228,13 +233,16 @@ def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent,
     # window computed from two blocks follows one trajectory (ODE steps, also under SDE).
     cls_dim = getattr(handle, "cls_dim", 0)
     cls = {(w.y, w.x): window_cls_noise(noise.seed, oy + w.y, ox + w.x, cls_dim) for w in windows} if cls_dim else None
+    weight_at = guidance_schedule(config)
+    span = max(1.0 - t_start, 1e-9)
     for i in range(config.steps):
         t0, dt = float(ts[i]), float(ts[i + 1] - ts[i])
+        guidance_now = weight_at((t0 - t_start) / span) if config.guidance else 0.0
         velocity = torch.zeros_like(x)
         for start in range(0, len(windows), config.batch_size):
             group = windows[start : start + config.batch_size]
             batch = torch.stack([x[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in group])
-            guided = {"guidance": config.guidance} if config.guidance else {}
+            guided = {"guidance": guidance_now} if guidance_now else {}
             if cls is None:
                 v = handle.window_velocity(batch, t0, prepared, group, **guided).cpu()
             else:
@@ -253,6 +261,25 @@ def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent,
         else:
             x = x + dt * velocity
     return x
+
+
+def guidance_schedule(config: StainConfig):
+    """The guidance weight as a function of progress through the trajectory (0 = noise end)."""
+    from ..transport.samplers import annealed, constant, interval
+
+    spec = config.guidance_schedule
+    if spec == "constant":
+        return constant(config.guidance)
+    if spec == "annealed":
+        return annealed(config.guidance, 0.0)
+    if spec.startswith("interval:"):
+        try:
+            lo, hi = (float(v) for v in spec.split(":")[1:3])
+        except ValueError:
+            lo = hi = -1.0
+        if 0 <= lo <= hi <= 1:
+            return interval(config.guidance, lo, hi)
+    raise ValueError(f"guidance schedule {spec!r}: use constant, annealed or interval:LO:HI (0 <= LO <= HI <= 1)")
 
 
 def window_cls_noise(seed: int, y: int, x: int, dim: int) -> torch.Tensor:
