@@ -85,6 +85,14 @@ class TeacherConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Reflow distillation (train/distill.py): a few-step student of a trained denoiser."""
+
+    teacher: str | None = None  # a model folder (relative to the config) or id; the student starts from it
+    teacher_steps: int = 16  # Euler passes of the teacher's ODE per training pair
+
+
+@dataclass
 class RunOptions:
     steps: int = 1000
     batch_size: int = 32  # global: split over the processes of a torchrun
@@ -119,6 +127,7 @@ class RunConfig:
     train: RunOptions = field(default_factory=RunOptions)
     loss: LossConfig = field(default_factory=LossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     source_file: str | None = None  # where it was read from (not part of the identity)
 
     @property
@@ -146,6 +155,8 @@ class RunConfig:
         identity.pop("out_dir")
         if identity["teacher"]["encoder"] is None:
             identity.pop("teacher")  # runs from before teachers existed keep their fingerprint
+        if identity["distill"]["teacher"] is None:
+            identity.pop("distill")
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -166,6 +177,7 @@ def parse_config(values: dict[str, Any], source: str = "<config>") -> RunConfig:
         "train": RunOptions,
         "loss": LossConfig,
         "teacher": TeacherConfig,
+        "distill": DistillConfig,
     }
     built = {k: _build(c, values.pop(k, {}) or {}, f"{source}: {k}") for k, c in sections.items()}
     config = _build(RunConfig, values, source)
@@ -225,6 +237,12 @@ def check_config(config: RunConfig, source: str) -> None:
             bad("loss.cls_weight", "must be > 0 when the teacher gives a CLS target (or set teacher.cls: false)")
     elif any(k in (config.model or {}) for k in ("align_depth", "align_dim", "cls_dim")):
         bad("model", "align_depth/align_dim/cls_dim come from a `teacher:` section; add one (e.g. encoder: inception)")
+    if config.distill.teacher is not None:
+        if config.template != "source" or config.conditions or kind or config.teacher.encoder:
+            bad("distill", "reflow distillation takes a restaining model (template: source, no condition streams, "
+                           "no model.kind, no teacher: section)")
+        if config.distill.teacher_steps < 1:
+            bad("distill.teacher_steps", f"must be at least 1, got {config.distill.teacher_steps}")
     t = config.train
     if t.steps < 1:
         bad("train.steps", f"must be at least 1, got {t.steps}")

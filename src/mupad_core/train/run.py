@@ -44,6 +44,7 @@ from .datasets import collate_items
 from .loop import Batch, TrainConfig, Trainer
 from ..models.baselines import build_cyclegan, build_pix2pix, cyclegan_loss, pix2pix_loss
 from ..models.embedding_flow import embedding_flow_loss
+from .distill import reflow_loss
 from .vae import build_vae, calibrate_scaling, kl_weight, vae_loss
 
 CHECKPOINTS = "checkpoints"
@@ -239,6 +240,32 @@ def build_cache(config: RunConfig, dataset, codec, teacher, process: Process, lo
                               expect_feature_encoder=teacher if teacher is not None else None)
 
 
+def _distill_teacher_folder(config: RunConfig) -> Path:
+    from ..models.checkpoint import CHECKPOINT_FILES
+    from ..zoo import resolve_model
+
+    spec = str(config.distill.teacher)
+    path = config.resolve(spec)
+    return resolve_model(str(path) if path.exists() else spec, CHECKPOINT_FILES)
+
+
+def build_distillation(config: RunConfig, codec, device: torch.device):
+    """(student, frozen teacher): both the teacher's network; the student trains from its weights."""
+    from ..models.checkpoint import load_model, read_pipeline
+
+    folder = _distill_teacher_folder(config)
+    pipeline = read_pipeline(folder)
+    if str(pipeline["vae"]) != repr(getattr(codec, "inner", codec)) and str(pipeline["vae"]) != str(config.vae):
+        raise ConfigError(f"{config.source_file}: vae {config.vae!r} differs from the teacher's {pipeline['vae']!r} "
+                          f"({folder}); the student samples in the teacher's latent space")
+    student = load_model(folder)
+    if not student.config.concat_channels or student.config.condition_dims or student.config.cls_dim:
+        raise ConfigError(f"{folder}: reflow distillation takes a restaining model (spatial template, no condition "
+                          "streams or CLS token)")
+    teacher = load_model(folder, device=device).requires_grad_(False)
+    return student, teacher
+
+
 def build_teacher(config: RunConfig, device: torch.device):
     """The frozen teacher of the alignment and CLS losses, or None."""
     spec = config.teacher
@@ -339,7 +366,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         codec = UnitRange() if training_vae else codec_for(config.vae, config.channels, device=process.device)
     dataset = build_dataset(config)
     encoders, rna_scores = build_encoders(config, process.device)
-    teacher = None
+    teacher = reflow_teacher = None
     regression = kind == "pix2pix"
     if kind == "cyclegan" and process.world > 1:
         raise ConfigError(f"{config.source_file}: model.kind cyclegan trains in one process (no DDP)")
@@ -351,6 +378,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         model = build_cyclegan(config.model, codec.latent_channels, codec.latent_channels, config.seed)
     elif kind == "embedding-flow":
         model = build_embedding_flow(config.model, codec.latent_channels, config.seed)
+    elif config.distill.teacher:
+        model, reflow_teacher = build_distillation(config, codec, process.device)
     else:
         teacher = build_teacher(config, process.device)
         model = build_model(config, codec, encoders, teacher)
@@ -379,7 +408,10 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
                                                      config.model.get("identity_weight", 0.5)))
         if kind == "cyclegan"
         else (lambda net_, batch, gen: embedding_flow_loss(net_, batch.concat, batch.latents, gen))
-        if kind == "embedding-flow" else None,
+        if kind == "embedding-flow"
+        else (lambda net_, batch, gen: reflow_loss(net_, reflow_teacher, batch.latents, batch.concat,
+                                                   config.distill.teacher_steps, gen, config.loss.time_sampling))
+        if reflow_teacher is not None else None,
     )
     resumed_from = 0
     history: list[dict[str, float]] = []
@@ -543,6 +575,8 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
         **({"kind": config.model["kind"]} if config.model.get("kind") else {}),  # e.g. a pix2pix baseline
         **({"generator": _generator_spec(config), "flow_steps": int(config.model.get("flow_steps", 8))}
            if config.model.get("kind") == "embedding-flow" else {}),
+        **({"distilled_from": str(_distill_teacher_folder(config)), "teacher_steps": config.distill.teacher_steps}
+           if config.distill.teacher else {}),
         "conditions": sorted(config.conditions),
         # How to rebuild each stream's encoder at inference (generate/roi.py reads this).
         "encoders": {m: {"name": s.get("encoder"), **{k: v for k, v in s.items()

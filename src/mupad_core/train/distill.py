@@ -1,0 +1,56 @@
+"""Few-step sampling by reflow distillation (rectified flow's "2-rectified flow").
+
+The flow a denoiser learns from independent (noise, image) pairs has curved trajectories,
+so one Euler step lands on a blur of the possible images. Reflow straightens them: the
+teacher's own ODE (`teacher_steps` Euler passes) carries each noise z to an image x̂, and
+the student — initialised with the teacher's weights — learns the straight path between
+that coupled pair, x_t = t x̂ + (1 - t) z with velocity x̂ - z. Along a straight path one
+Euler step is exact, so the student samples well in 1-2 passes.
+
+Configured by a `distill:` section of `mupad train` (teacher: a model folder or id); the
+student keeps the teacher's architecture, latent codec and template. Chosen over shortcut
+or MeanFlow training because it reuses the training loop, loss and data unchanged and its
+effect is measured directly against the teacher (benchmarks/quality_vs_steps.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..transport import path
+from ..transport.samplers import time_grid
+
+
+@dataclass
+class ReflowTerms:
+    total: torch.Tensor
+    velocity: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {k: float(v.detach()) for k, v in vars(self).items()}
+
+
+@torch.no_grad()
+def teacher_sample(teacher, noise: torch.Tensor, concat: torch.Tensor | None, steps: int) -> torch.Tensor:
+    """The teacher's Euler ODE from noise (t = 0) to data (t = 1)."""
+    x = noise
+    ts = time_grid(steps)
+    for i in range(steps):
+        t = torch.full((x.shape[0],), float(ts[i]), device=x.device)
+        x = x + float(ts[i + 1] - ts[i]) * teacher(x, t, None, concat=concat).velocity.float()
+    return x
+
+
+def reflow_loss(student, teacher, latents: torch.Tensor, concat: torch.Tensor | None, steps: int,
+                generator: torch.Generator, time_sampling: str = "uniform") -> ReflowTerms:
+    """Velocity loss on the straight path between a noise and the teacher's image from it."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    target = teacher_sample(teacher, noise, concat, steps)
+    t = path.sample_time(latents.shape[0], time_sampling, generator=generator).to(latents.device)
+    x_t = path.interpolate(target, noise, t)
+    velocity = student(x_t, t, None, concat=concat).velocity
+    loss = F.mse_loss(velocity.float(), path.velocity_target(target, noise).float())
+    return ReflowTerms(total=loss, velocity=loss)
