@@ -1,12 +1,16 @@
 """Held-out quality against network passes per tile: how few sampling steps are enough.
 
     python benchmarks/quality_vs_steps.py [--model demo-he2ihc] [--steps 1 2 4 8 16 32 64 250]
+    python benchmarks/quality_vs_steps.py --student runs/distill-he2ihc/model --steps 1 2 4 8 250 --methods euler
 
 Runs a bundled restaining model over its held-out data (BIRL for demo-he2ihc, DeepLIIF for
 demo-he2mif; prepared by `python -m mupad_core.demo_data --shared ../shared/data --out
 runs/demo-data`) through the whole-slide engine with Euler (one pass per step) and SDE
 sampling at each step count, and prints PSNR, pixel PCC, 8-px patch PCC and seconds. The last
 line is the headline `patch_pcc_8_over_250: R` (Euler, 8 passes per tile against 250).
+With `--student` (a model distilled from it by `mupad train`'s `distill:`), the student runs
+beside the teacher at each step count (Euler) and the headline becomes
+`student_1_pass_over_teacher_250: R`.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 250])
     parser.add_argument("--methods", nargs="+", default=["euler", "sde"])
     parser.add_argument("--plot", default=str(REPO / "docs" / "images" / "quality-vs-steps.png"))
+    parser.add_argument("--student", help="a distilled student of --model, measured beside it (Euler)")
     args = parser.parse_args()
     task, manifest, mpp = DATA[args.model]
     manifest = REPO / manifest
@@ -75,10 +80,23 @@ def main() -> None:
             found[(method, steps)] = result
             print(f"| {method} | {steps} | {result['psnr_mean']:.2f} | {result['pcc_mean']:.3f} | "
                   f"{result['patch_pcc_mean']:.3f} | {seconds:.1f} |", flush=True)
+    if args.student:
+        for steps in args.steps:
+            if steps > 16:
+                continue  # a few-step student: its many-step runs add nothing
+            start = time.perf_counter()
+            result = evaluate_heldout(args.student, manifest, task, mpp, steps=steps, method="euler")
+            seconds = time.perf_counter() - start
+            found[("student euler", steps)] = result
+            print(f"| student euler | {steps} | {result['psnr_mean']:.2f} | {result['pcc_mean']:.3f} | "
+                  f"{result['patch_pcc_mean']:.3f} | {seconds:.1f} |", flush=True)
     plot_curve([(m, n, r["patch_pcc_mean"]) for (m, n), r in found.items()], Path(args.plot),
                f"{args.model} on its held-out data")
     low, high = found.get(("euler", 8)), found.get(("euler", max(args.steps)))
-    if low and high:
+    one = found.get(("student euler", 1))
+    if one and high:
+        print(f"student_1_pass_over_teacher_{max(args.steps)}: {one['patch_pcc_mean'] / high['patch_pcc_mean']:.3f}")
+    elif low and high:
         print(f"patch_pcc_8_over_{max(args.steps)}: {low['patch_pcc_mean'] / high['patch_pcc_mean']:.3f}")
 
 
