@@ -652,3 +652,26 @@ def test_samples_add_a_spread_overlay_and_strength_follows_the_task(slide_viewer
     values = np.asarray(spread.data[0] if spread.multiscale else spread.data)
     assert values.shape == np.asarray(mean.data[0]).shape[:2] and values.max() > 0
     assert spread.metadata["provenance"]["spread_of"] == job.out.name
+
+
+def test_variations_model_with_guidance_stains_a_drawn_roi(slide_viewer, tmp_path, qtbot):
+    """he2he through the widget: the bundled variations model (image stream) with annealed guidance."""
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    roi = (1200, 1760, 128, 128)
+    _draw_roi(viewer, source, roi)
+    widget = _widget(viewer, tmp_path, qtbot)
+    assert not widget.guidance_spin.isEnabled()  # identity: no stream to guide
+    widget.region_combo.setCurrentText("Drawn rectangles")
+    widget.model_combo.setCurrentText("demo-he2he")
+    assert widget.task_combo.currentText() == "he2he" and widget.guidance_spin.isEnabled()
+    widget.guidance_spin.setValue(1.5)
+    widget.schedule_combo.setCurrentText("annealed")
+    widget.steps_spin.setValue(3)
+    _run(widget, qtbot, timeout=300_000)
+    job = widget.jobs[0]
+    assert job.status == "done", widget.status_label.text()
+    recorded = job.layers[0].metadata["mupad"]
+    assert recorded["guidance"] == 1.5 and recorded["engine"]["guidance_schedule"] == "annealed"
+    data = np.asarray(job.layers[0].data[0])
+    assert data.std() > 5  # tissue-like output, not a flat fill

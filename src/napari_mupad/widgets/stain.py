@@ -196,6 +196,18 @@ class StainWidget(JobControls, QWidget):
         self.strength_spin.setValue(1.0)
         self.strength_spin.setToolTip("he2he / ff2ffpe: 1 starts from noise; smaller starts nearer the source "
                                       "and keeps more of its architecture")
+        self.guidance_spin = QDoubleSpinBox()
+        self.guidance_spin.setDecimals(2)
+        self.guidance_spin.setRange(0.0, 10.0)
+        self.guidance_spin.setSingleStep(0.25)
+        self.guidance_spin.setToolTip("classifier-free guidance weight: how strongly each window follows its own "
+                                      "source tokens (models with an image stream; 0 = off)")
+        self.schedule_combo = QComboBox()
+        self.schedule_combo.addItems(["annealed", "constant"])
+        self.schedule_combo.setToolTip("annealed: the weight falls to 0 over the trajectory (the paper's), and the "
+                                       "unconditional pass is skipped where it is 0")
+        self.guidance_spin.setEnabled(False)
+        self.schedule_combo.setEnabled(False)
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         self.output_edit = QLineEdit(str(default_output_dir()))
@@ -224,6 +236,10 @@ class StainWidget(JobControls, QWidget):
         form.addRow("Seed", self.seed_spin)
         form.addRow("Samples", self.samples_spin)
         form.addRow("Strength", self.strength_spin)
+        guidance_row = QHBoxLayout()
+        guidance_row.addWidget(self.guidance_spin, 1)
+        guidance_row.addWidget(self.schedule_combo)
+        form.addRow("Guidance", guidance_row)
         form.addRow("Output µm/px", self.mpp_spin)
         form.addRow("Device", self.device_combo)
         out_row = QHBoxLayout()
@@ -277,6 +293,11 @@ class StainWidget(JobControls, QWidget):
             self.task_combo.setCurrentText(str(tasks[0]))
         mpp = self._model_pipeline.get("mpp")
         self.mpp_spin.setValue(float(mpp) if mpp else 0.0)
+        guided = "image" in (self._model_pipeline.get("conditions") or [])
+        self.guidance_spin.setEnabled(guided)
+        self.schedule_combo.setEnabled(guided)
+        if not guided:
+            self.guidance_spin.setValue(0.0)
 
     def _browse_model(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "MUPAD checkpoint folder")
@@ -370,7 +391,9 @@ class StainWidget(JobControls, QWidget):
         self._cancel = threading.Event()
         engine = {"steps": self.steps_spin.value(), "seed": self.seed_spin.value(), "target_mpp": target,
                   "samples": self.samples_spin.value(),
-                  "strength": self.strength_spin.value() if supports_strength(task) else 1.0}
+                  "strength": self.strength_spin.value() if supports_strength(task) else 1.0,
+                  "guidance": self.guidance_spin.value() if self.guidance_spin.isEnabled() else 0.0,
+                  "guidance_schedule": self.schedule_combo.currentText()}
         window = self._model_pipeline.get("window_px")
         if window:  # the tile size the model was trained on (as `mupad demo` runs it)
             engine.update(window_px=int(window), overlap_px=int(window) // 4, margin_px=int(window))
