@@ -52,14 +52,6 @@ def test_variations_model_runs_whole_slide_from_window_tokens(tmp_path):
     assert np.abs(split - whole).max() <= 1 and (split != whole).mean() < 0.02
 
 
-def test_guidance_uses_the_image_stream(tmp_path):
-    plain = stain(tmp_path, "plain")[0]
-    guided = stain(tmp_path, "guided", guidance=1.5)[0]
-    assert np.abs(guided - plain).mean() > 1.0
-    with open_slide(sample_slide_path()) as reader, pytest.raises(ValueError, match="no image condition|use 0"):
-        run_stain(reader, load_handle("demo-he2ihc", "he2ihc"), tmp_path / "refused.ome.zarr", StainConfig(task="he2ihc", roi=ROI, guidance=1.0))
-
-
 def test_guidance_schedule_skips_the_unconditional_pass_where_the_weight_is_zero(tmp_path, monkeypatch):
     """Guidance on part of the trajectory only: fewer network passes than constant guidance, other pixels."""
     from mupad_core.generate.models import SiTImageToImageHandle
@@ -72,11 +64,17 @@ def test_guidance_schedule_skips_the_unconditional_pass_where_the_weight_is_zero
         return original(self, x, t, prepared, windows, cls=cls, guidance=guidance)
 
     monkeypatch.setattr(SiTImageToImageHandle, "window_velocity", counting)
+    plain = stain(tmp_path, "plain")[0]
+    calls.update(guided=0, plain=0)
     constant = stain(tmp_path, "constant", guidance=1.5)[0]
     constant_calls = dict(calls)
     calls.update(guided=0, plain=0)
     annealed = stain(tmp_path, "annealed", guidance=1.5, guidance_schedule="interval:0:0.5")[0]
+    assert np.abs(constant - plain).mean() > 1.0  # guidance changes the samples
     assert constant_calls["plain"] == 0 and calls["plain"] > 0 and calls["guided"] < constant_calls["guided"]
     assert np.abs(annealed - constant).mean() > 0.5
     with pytest.raises(ValueError, match="guidance schedule"):
         stain(tmp_path, "bad", guidance=1.0, guidance_schedule="interval:0.8:0.2")
+    with open_slide(sample_slide_path()) as reader, pytest.raises(ValueError, match="needs a model with an image condition stream"):
+        run_stain(reader, load_handle("demo-he2ihc", "he2ihc"), tmp_path / "refused.ome.zarr",
+                  StainConfig(task="he2ihc", roi=ROI, guidance=1.0))
