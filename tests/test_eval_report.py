@@ -74,6 +74,8 @@ def test_eval_writes_a_report_that_ranks_a_copy_above_a_blur(region, tmp_path, c
         pp = entry["paired"]["patch_pcc"]
         assert all(lo <= v <= hi for v, lo, hi in zip(pp["per_channel"], pp["low"], pp["high"]))
     assert copy["paired"]["slide_pcc"] == pytest.approx([1.0, 1.0, 1.0])
+    assert copy["paired"]["cosine"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert blur["paired"]["cosine"]["mean"] < copy["paired"]["cosine"]["mean"]
     assert blur["paired"]["slide_pcc"][0] > 0.9  # a blur keeps tile means
     assert (tmp_path / "report" / "markers.png").is_file() and (tmp_path / "report" / "scatter.png").is_file()
 

@@ -175,12 +175,23 @@ def evaluate_sets(prediction: ImageSet, reference: ImageSet, baselines: list[Ima
                "features": extractor.name, "sets": []}
     if ihc or labels is not None:
         results["reference"]["ihc"] = ihc_metrics(reference, labels, marker_channel, mpp)
+    reference_index = {key: i for i, key in enumerate(reference.tiles)}
     for images in [prediction, *baselines]:
         feats = embed(images)
         entry = {"name": images.name, "source": images.source, "tiles": len(images.tiles),
                  "fid": fid(feats, reference_features, resamples=resamples, seed=seed).as_dict(),
                  "kid": kid(feats, reference_features, resamples=resamples, seed=seed).as_dict(),
                  "paired": paired_metrics(images, reference)}
+        if entry["paired"]:
+            # The paper's image-image cosine similarity: each tile's embedding against its
+            # reference's, in the report's encoder.
+            rows = [(i, reference_index[key]) for i, key in enumerate(images.tiles) if key in reference_index]
+            a = feats[[i for i, _ in rows]]
+            b = reference_features[[j for _, j in rows]]
+            cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+            entry["paired"]["cosine"] = {"mean": round(float(cos.mean()), 4),
+                                         "low": round(float(np.percentile(cos, 2.5)), 4),
+                                         "high": round(float(np.percentile(cos, 97.5)), 4)}
         if ihc or labels is not None:
             entry["ihc"] = ihc_metrics(images, labels, marker_channel, mpp)
         if cells:
@@ -234,11 +245,13 @@ def write_report(results: dict, out_dir: str | Path, prediction: ImageSet, refer
     paired = [s for s in sets if s["paired"]]
     if paired:
         lines += ["", "Paired tiles (same names): mean over channels, per channel in report.json.", "",
-                  "| set | tiles | PSNR (dB) | SSIM | pixel PCC | 8-px patch PCC |", "|---|---|---|---|---|---|"]
+                  f"| set | tiles | PSNR (dB) | SSIM | pixel PCC | 8-px patch PCC | cosine ({results['features']}) |",
+                  "|---|---|---|---|---|---|---|"]
         for s in paired:
             p = s["paired"]
+            cosine = f"{p['cosine']['mean']:.3f}" if "cosine" in p else "–"
             lines.append(f"| {s['name']} | {p['tiles']} | {p['psnr']['mean']:.2f} | {p['ssim']['mean']:.3f} | "
-                         f"{p['pcc']['mean']:.3f} | {p['patch_pcc']['mean']:.3f} |")
+                         f"{p['pcc']['mean']:.3f} | {p['patch_pcc']['mean']:.3f} | {cosine} |")
     if "ihc" in results["reference"]:
         lines += ["", "IHC positivity: DAB H-score over the nuclei found by the offline segmenter; AUC of per-cell "
                   "stain against the labelled cells.", "",
