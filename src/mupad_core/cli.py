@@ -291,9 +291,17 @@ def _cmd_eval(args) -> int:
     reference = load_set(args.ref, args.ref_name, tile=args.tile, max_tiles=args.max_tiles)
     baselines = [named(spec) for spec in args.baseline or []]
     labels = load_set(args.labels, "labels", tile=args.tile, max_tiles=args.max_tiles) if args.labels else None
+    captions = None
+    if args.captions or args.text_image_encoder:
+        if not (args.captions and args.text_image_encoder):
+            raise ValueError("text-image alignment needs both --captions CSV and --text-image-encoder MODEL")
+        from .evaluate.report import read_captions_table
+
+        captions = read_captions_table(args.captions)
     results = evaluate_sets(prediction, reference, baselines, features=args.features, resamples=args.resamples,
                             seed=args.seed, device=_resolve_device(args.device), ihc=args.ihc, cells=args.cells,
-                            labels=labels, marker_channel=args.marker_channel, mpp=args.mpp)
+                            labels=labels, marker_channel=args.marker_channel, mpp=args.mpp,
+                            captions=captions, text_image_encoder=args.text_image_encoder)
     report = write_report(results, args.out, prediction, reference, baselines)
     for entry in results["sets"]:
         fid_, kid_ = entry["fid"], entry["kid"]
@@ -465,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--marker-channel", type=int, help="score this channel's mean per cell instead of DAB (mIF)")
     ev.add_argument("--cells", action="store_true", help="cell-composition distance of every set to the reference")
     ev.add_argument("--mpp", type=float, help="µm per pixel of the tiles (nucleus sizes in µm²)")
+    ev.add_argument("--captions", help="CSV of name,caption for the images (e.g. mupad synth-pairs' pairs.csv)")
+    ev.add_argument("--text-image-encoder", help="text-image dual encoder (CLIP-style; folder or hub id) for the "
+                                                 "alignment of images with their captions")
     ev.set_defaults(func=_cmd_eval)
 
     aug = sub.add_parser("augment", help="N generated variations per image of a class-folder data set, "

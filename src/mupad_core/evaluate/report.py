@@ -160,9 +160,11 @@ def ihc_metrics(images: ImageSet, labels: ImageSet | None = None, marker_channel
 def evaluate_sets(prediction: ImageSet, reference: ImageSet, baselines: list[ImageSet] = (), *,
                   features: str = "inception", resamples: int = 200, seed: int = 0, device: str = "cpu",
                   ihc: bool = False, cells: bool = False, labels: ImageSet | None = None,
-                  marker_channel: int | None = None, mpp: float | None = None) -> dict:
+                  marker_channel: int | None = None, mpp: float | None = None,
+                  captions: dict[str, str] | None = None, text_image_encoder: str | None = None) -> dict:
     """Every number of the report, as a JSON-ready dict. `ihc`: H-score (and AUC with
-    `labels`) per set; `cells`: cell-composition distance of each set to the reference."""
+    `labels`) per set; `cells`: cell-composition distance of each set to the reference;
+    `captions` (tile name -> caption) with a `text_image_encoder`: text-image alignment."""
     from .features import load_extractor
 
     extractor = load_extractor(features, device=device)
@@ -175,6 +177,12 @@ def evaluate_sets(prediction: ImageSet, reference: ImageSet, baselines: list[Ima
                "features": extractor.name, "sets": []}
     if ihc or labels is not None:
         results["reference"]["ihc"] = ihc_metrics(reference, labels, marker_channel, mpp)
+    aligner = None
+    if captions and text_image_encoder:
+        from .alignment import TextImageEncoder
+
+        aligner = TextImageEncoder(text_image_encoder, device=device)
+        results["reference"]["alignment"] = _alignment(aligner, reference, captions)
     reference_index = {key: i for i, key in enumerate(reference.tiles)}
     for images in [prediction, *baselines]:
         feats = embed(images)
@@ -194,12 +202,38 @@ def evaluate_sets(prediction: ImageSet, reference: ImageSet, baselines: list[Ima
                                          "high": round(float(np.percentile(cos, 97.5)), 4)}
         if ihc or labels is not None:
             entry["ihc"] = ihc_metrics(images, labels, marker_channel, mpp)
+        if aligner is not None:
+            entry["alignment"] = _alignment(aligner, images, captions)
         if cells:
             from .cells import composition_distance
 
             entry["cells"] = composition_distance(list(reference.tiles.values()), list(images.tiles.values()), mpp)
         results["sets"].append(entry)
     return results
+
+
+def _alignment(aligner, images: ImageSet, captions: dict[str, str]) -> dict | None:
+    from .alignment import text_image_alignment
+
+    keys = [k for k in images.tiles if Path(k).name in captions]
+    if len(keys) < 2:
+        return None
+    return text_image_alignment(aligner, _as_batch([images.tiles[k] for k in keys]),
+                                [captions[Path(k).name] for k in keys])
+
+
+def read_captions_table(path: str | Path) -> dict[str, str]:
+    """Image name (file stem) -> caption, from a CSV with a `caption` column and the image in
+    `name`, `image` or `key` (`mupad synth-pairs`' pairs.csv works as it is)."""
+    import csv
+
+    with Path(path).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    column = next((c for c in ("name", "image", "key") if rows and c in rows[0]), None)
+    if not rows or column is None or "caption" not in rows[0]:
+        raise ValueError(f"{path}: needs a caption column and the image in a name, image or key column")
+    return {Path(row[column]).stem if row[column].lower().endswith(IMAGE_SUFFIXES) else Path(row[column]).name:
+            row["caption"] for row in rows}
 
 
 def write_report(results: dict, out_dir: str | Path, prediction: ImageSet, reference: ImageSet,
@@ -260,6 +294,16 @@ def write_report(results: dict, out_dir: str | Path, prediction: ImageSet, refer
                                                                                        for s in sets]:
             lines.append(f"| {name} | {m.get('nuclei', '–')} | {m.get('hscore', '–')} | "
                          f"{m.get('positive_fraction', '–')} | {m.get('labelled_cells', '–')} | {m.get('auc', '–')} |")
+    if any(s.get("alignment") for s in sets):
+        a0 = next(s["alignment"] for s in sets if s.get("alignment"))
+        lines += ["", f"Text-image alignment in {a0['encoder']}: cosine of each image with its caption, with the "
+                  "captions shuffled (this encoder's chance level), and top-1 caption retrieval.", "",
+                  "| set | pairs | cosine | shuffled | top-1 retrieval |", "|---|---|---|---|---|"]
+        ref_alignment = results["reference"].get("alignment")
+        for name, a in [(results["reference"]["name"], ref_alignment)] + [(s["name"], s.get("alignment")) for s in sets]:
+            if a:
+                lines.append(f"| {name} | {a['pairs']} | {a['cosine']:.3f} | {a['cosine_shuffled']:.3f} | "
+                             f"{a['top1_retrieval']:.2f} |")
     if any("cells" in s for s in sets):
         lines += ["", "Cell composition against the reference (size classes by the reference's area tertiles; "
                   "distances in reference standard deviations):", "",
