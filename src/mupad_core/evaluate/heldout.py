@@ -81,11 +81,11 @@ if __name__ == "__main__":
 
 
 def _teacher_of(model, device):
-    from ..models.checkpoint import read_pipeline
+    from ..models.checkpoint import CHECKPOINT_FILES, read_pipeline
     from ..models.teachers import load_teacher
     from ..zoo import resolve_model
 
-    spec = read_pipeline(resolve_model(str(model))).get("teacher")
+    spec = read_pipeline(resolve_model(str(model), CHECKPOINT_FILES)).get("teacher")
     if not spec:
         raise ValueError(f"{model}: a CLS model without its teacher recorded in mupad_pipeline.json")
     return load_teacher(spec["encoder"], layer=spec.get("layer"), input_size=spec.get("input_size"),

@@ -96,6 +96,9 @@ def _check(config: StainConfig, handle: ModelHandle) -> None:
         raise ValueError(f"samples must be at least 1, got {config.samples}")
     if not 0 < config.strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {config.strength}")
+    if config.strength < 1 and getattr(handle, "cls_dim", 0):
+        # Its CLS token would start from noise while the image starts part-way: not what it learnt.
+        raise ValueError(f"{handle.model_id} generates a CLS token with each window; run it with strength 1")
     if config.strength < 1 and not handle.passthrough and not supports_strength(config.task):
         raise ValueError(
             f"strength {config.strength} starts from the noised source, which only makes sense when the output is "
@@ -334,7 +337,9 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         "guidance": config.guidance,
         "method": config.method,
         # Everything that changes pixels (a resume must match it); batch size does not.
-        "engine": {k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "batch_size")},
+        # (a constant guidance schedule, the default, is left out so stores from before schedules resume)
+        "engine": {k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "batch_size")
+                   and not (k == "guidance_schedule" and v == "constant")},
         "batch_size": config.batch_size,
         "source": {"path": str(reader.path), "mpp": list(src_mpp), "roi_level0": list(roi)},
         "software": f"napari-mupad {__version__}",

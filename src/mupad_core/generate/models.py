@@ -257,7 +257,8 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     if pipeline.get("kind") == "embedding-flow":
         return _embedding_flow_handle(folder, spec, pipeline, device)
     if pipeline.get("kind") in ONE_PASS_KINDS:
-        return OnePassHandle(model, load_vae(pipeline["vae"], device=device), str(spec), weights_sha256(folder),
+        return OnePassHandle(model, codec_for(pipeline["vae"], pipeline.get("channels"), device=device), str(spec),
+                             weights_sha256(folder),
                              device=device)
     streams = set(model.config.condition_dims or {})
     if streams - {"image"}:
@@ -288,12 +289,14 @@ def _embedding_flow_handle(folder, spec, pipeline: dict, device) -> SiTImageToIm
     """The flow's generator, its window tokens translated by the flow first (paper eq. 6)."""
     import hashlib
 
-    from ..models.checkpoint import load_model, read_pipeline, weights_sha256
+    from ..models.checkpoint import CHECKPOINT_FILES, load_model, read_pipeline, weights_sha256
     from ..zoo import resolve_model
 
     flow = load_model(folder, device=device)
     generator = pipeline["generator"]
-    generator_tasks = read_pipeline(resolve_model(generator)).get("tasks") or ["image2image"]
+    if (folder / generator).exists():  # recorded relative to the flow folder
+        generator = str((folder / generator).resolve())
+    generator_tasks = read_pipeline(resolve_model(generator, CHECKPOINT_FILES)).get("tasks") or ["image2image"]
     handle = load_handle(generator, generator_tasks[0], device=device)
     if not getattr(handle, "conditioned", False):
         raise ValueError(f"{folder}: its generator {generator} has no image stream to feed translated tokens")

@@ -104,6 +104,13 @@ class MarkerGroupCodec:
         self.groups = -(-image_channels // 3)
         self.latent_channels = self.latent_channels_for(image_channels)
 
+    @property
+    def identity(self) -> str:
+        """For latent caches: the inner codec's identity and the grouping."""
+        from ..train.latent_cache import codec_identity
+
+        return f"{codec_identity(self.inner)} x{self.groups} marker groups ({self.image_channels} channels)"
+
     def latent_channels_for(self, channels: int) -> int:
         return -(-channels // 3) * self.inner.latent_channels
 

@@ -157,6 +157,8 @@ class RunConfig:
             identity.pop("teacher")  # runs from before teachers existed keep their fingerprint
         if identity["distill"]["teacher"] is None:
             identity.pop("distill")
+        if identity["data"]["cache"] is None:
+            identity["data"].pop("cache")  # likewise for runs from before latent caches were wired
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -219,6 +221,8 @@ def check_config(config: RunConfig, source: str) -> None:
     if kind == "embedding-flow" and not config.model.get("generator"):
         bad("model.generator", "an embedding flow translates tokens for a generator: name its model "
                                "(a folder or id of an image-stream model trained on target images)")
+    if kind == "cyclegan" and config.train.batch_size < 2:
+        bad("train.batch_size", "cyclegan pairs each source with another item's target: it needs at least 2")
     if kind and (config.template != "source" or config.conditions):
         bad("model.kind", f"{kind} maps the source to the target: it needs `template: source` and no conditions")
     if config.task == "vae" and (config.conditions or config.template):
@@ -233,6 +237,8 @@ def check_config(config: RunConfig, source: str) -> None:
             bad("teacher", "align and cls are both false: the teacher would teach nothing")
         if teacher.align and config.loss.align_weight <= 0:
             bad("loss.align_weight", "must be > 0 when the teacher aligns (or set teacher.align: false)")
+        if config.channels and len(config.channels) != 3:
+            bad("teacher", f"the teacher sees RGB images; a {len(config.channels)}-marker target cannot be shown to it")
         if teacher.cls and config.loss.cls_weight <= 0:
             bad("loss.cls_weight", "must be > 0 when the teacher gives a CLS target (or set teacher.cls: false)")
     elif any(k in (config.model or {}) for k in ("align_depth", "align_dim", "cls_dim")):
@@ -241,6 +247,8 @@ def check_config(config: RunConfig, source: str) -> None:
         if config.template != "source" or config.conditions or kind or config.teacher.encoder:
             bad("distill", "reflow distillation takes a restaining model (template: source, no condition streams, "
                            "no model.kind, no teacher: section)")
+        if {k for k in config.model if k != "kind"} - {"hidden_size", "depth", "num_heads"} or kind:
+            bad("model", "a distilled student keeps its teacher's architecture; leave model: out")
         if config.distill.teacher_steps < 1:
             bad("distill.teacher_steps", f"must be at least 1, got {config.distill.teacher_steps}")
     t = config.train

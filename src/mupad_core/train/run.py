@@ -258,7 +258,16 @@ def build_distillation(config: RunConfig, codec, device: torch.device):
     if str(pipeline["vae"]) != repr(getattr(codec, "inner", codec)) and str(pipeline["vae"]) != str(config.vae):
         raise ConfigError(f"{config.source_file}: vae {config.vae!r} differs from the teacher's {pipeline['vae']!r} "
                           f"({folder}); the student samples in the teacher's latent space")
+    tasks = pipeline.get("tasks") or []
+    if tasks and config.task not in tasks:
+        raise ConfigError(f"{config.source_file}: task {config.task!r}, but the teacher {folder} is for {', '.join(tasks)}")
+    if (pipeline.get("channels") or None) != (config.channels or None):
+        raise ConfigError(f"{config.source_file}: channels {config.channels} differ from the teacher's "
+                          f"{pipeline.get('channels')}")
     student = load_model(folder)
+    if student.config.in_channels != codec.latent_channels:
+        raise ConfigError(f"{config.source_file}: the codec gives {codec.latent_channels} latent channels, the teacher "
+                          f"takes {student.config.in_channels}")
     if not student.config.concat_channels or student.config.condition_dims or student.config.cls_dim:
         raise ConfigError(f"{folder}: reflow distillation takes a restaining model (spatial template, no condition "
                           "streams or CLS token)")
@@ -273,8 +282,10 @@ def build_teacher(config: RunConfig, device: torch.device):
         return None
     from ..models.teachers import load_teacher
 
+    local = lambda p: str(config.resolve(p)) if p and config.resolve(p).exists() else p  # noqa: E731
     try:
-        teacher = load_teacher(spec.encoder, layer=spec.layer, input_size=spec.input_size, source=spec.source)
+        teacher = load_teacher(local(spec.encoder), layer=spec.layer, input_size=spec.input_size,
+                               source=local(spec.source))
     except ValueError as exc:
         raise ConfigError(f"{config.source_file}: teacher: {exc}") from exc
     return teacher.to(device)
@@ -296,7 +307,7 @@ def build_model(config: RunConfig, codec, encoders: dict[str, Any], teacher=None
         if config.teacher.cls:
             options["cls_dim"] = teacher.pooled_dim
     channels = codec.latent_channels
-    source_channels = codec.latent_channels_for(3) if hasattr(codec, "latent_channels_for") else channels
+    source_channels = _source_channels(codec)
     condition_dims = {m: e.token_dim for m, e in encoders.items()}
     condition_tokens = {m: e.num_tokens for m, e in encoders.items() if getattr(e, "num_tokens", None)}
     kwargs = dict(in_channels=channels, concat_channels=source_channels if config.template == "source" else 0,
@@ -307,6 +318,11 @@ def build_model(config: RunConfig, codec, encoders: dict[str, Any], teacher=None
             return MupadSiT.from_preset(preset, **kwargs) if preset else MupadSiT(**kwargs)
         except TypeError as exc:
             raise ConfigError(f"{config.source_file}: model: {exc}") from exc
+
+
+def _source_channels(codec) -> int:
+    """Latent channels of an RGB source (one marker group when the target has N != 3 markers)."""
+    return codec.latent_channels_for(3) if hasattr(codec, "latent_channels_for") else codec.latent_channels
 
 
 def _preset_depth(preset: str | None) -> int:
@@ -368,14 +384,15 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
     encoders, rna_scores = build_encoders(config, process.device)
     teacher = reflow_teacher = None
     regression = kind == "pix2pix"
-    if kind == "cyclegan" and process.world > 1:
-        raise ConfigError(f"{config.source_file}: model.kind cyclegan trains in one process (no DDP)")
+    if process.world > 1 and (kind in ("cyclegan", "embedding-flow") or config.distill.teacher):
+        what = f"model.kind {kind}" if kind else "distillation"
+        raise ConfigError(f"{config.source_file}: {what} trains in one process (no DDP)")
     if training_vae:
         model = build_vae(config)
-    elif regression:
-        model = build_pix2pix(config.model, codec.latent_channels, codec.latent_channels, config.seed)
+    elif regression:  # the source is one RGB group even when the target has N marker channels
+        model = build_pix2pix(config.model, _source_channels(codec), codec.latent_channels, config.seed)
     elif kind == "cyclegan":
-        model = build_cyclegan(config.model, codec.latent_channels, codec.latent_channels, config.seed)
+        model = build_cyclegan(config.model, _source_channels(codec), codec.latent_channels, config.seed)
     elif kind == "embedding-flow":
         model = build_embedding_flow(config.model, codec.latent_channels, config.seed)
     elif config.distill.teacher:
@@ -568,12 +585,13 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     window_px = config.data.patch_px if config.data.kind == "slides" else (config.data.crop_px or 256)
+    vae = config.vae if not str(config.vae).startswith("pixel-unshuffle") else repr(getattr(codec, "inner", codec))
     pipeline = {
-        "vae": config.vae if not str(config.vae).startswith("pixel-unshuffle") else repr(getattr(codec, "inner", codec)),
+        "vae": codec.vae if isinstance(codec, TokenCodec) else vae,  # a flow: its generator's codec
         "tasks": [config.task],
         "template": config.template,
         **({"kind": config.model["kind"]} if config.model.get("kind") else {}),  # e.g. a pix2pix baseline
-        **({"generator": _generator_spec(config), "flow_steps": int(config.model.get("flow_steps", 8))}
+        **({"generator": _portable_generator(config, folder), "flow_steps": int(config.model.get("flow_steps", 8))}
            if config.model.get("kind") == "embedding-flow" else {}),
         **({"distilled_from": str(_distill_teacher_folder(config)), "teacher_steps": config.distill.teacher_steps}
            if config.distill.teacher else {}),
@@ -609,6 +627,14 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
     return folder
 
 
+def _portable_generator(config: RunConfig, folder: Path) -> str:
+    """The generator as the flow folder records it: a model id, or a path relative to that folder
+    (moving or sharing the two folders together keeps the pair working)."""
+    spec = _generator_spec(config)
+    path = Path(spec)
+    return os.path.relpath(path, folder) if path.is_absolute() and path.exists() else spec
+
+
 def _generator_spec(config: RunConfig) -> str:
     """The generator an embedding flow feeds: a folder (relative to the config) or a model id."""
     spec = str(config.model["generator"])
@@ -632,18 +658,28 @@ class TokenCodec:
 
     downscale = 1
 
-    def __init__(self, encoder, image_px: int | None):
+    def __init__(self, encoder, image_px: int | None, vae: str | None = None):
         self.encoder, self.image_px = encoder.eval().requires_grad_(False), image_px
         self.latent_channels = int(encoder.token_dim)
+        self.vae = vae  # the generator's latent codec, recorded with the flow
+
+    @property
+    def identity(self) -> str:
+        from .latent_cache import encoder_identity
+
+        return f"tokens:{encoder_identity(self.encoder)}:{self.image_px}"
 
     @classmethod
     def of_generator(cls, spec: str, device) -> TokenCodec:
         from ..generate.roi import load_generator
 
+        from ..models.checkpoint import CHECKPOINT_FILES, read_pipeline
+        from ..zoo import resolve_model
+
         gen = load_generator(spec, device=device, allow_template=True)
         if "image" not in gen.encoders:
             raise ConfigError(f"{spec}: the generator has no image stream; an embedding flow needs one")
-        return cls(gen.encoders["image"], gen.image_px)
+        return cls(gen.encoders["image"], gen.image_px, read_pipeline(resolve_model(spec, CHECKPOINT_FILES))["vae"])
 
     @torch.no_grad()
     def encode(self, images, generator=None):
@@ -661,6 +697,7 @@ class UnitRange:
 
     latent_channels = 3
     downscale = 1
+    identity = "unit-range"
 
     def encode(self, images, generator=None):
         return images * 2 - 1

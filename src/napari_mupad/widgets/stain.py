@@ -293,7 +293,8 @@ class StainWidget(JobControls, QWidget):
             self.task_combo.setCurrentText(str(tasks[0]))
         mpp = self._model_pipeline.get("mpp")
         self.mpp_spin.setValue(float(mpp) if mpp else 0.0)
-        guided = "image" in (self._model_pipeline.get("conditions") or [])
+        guided = ("image" in (self._model_pipeline.get("conditions") or [])
+                  or self._model_pipeline.get("kind") == "embedding-flow")  # its generator has the stream
         self.guidance_spin.setEnabled(guided)
         self.schedule_combo.setEnabled(guided)
         if not guided:
