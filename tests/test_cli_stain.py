@@ -173,3 +173,22 @@ def test_killed_run_resumes_to_the_same_result_bit_for_bit(shared_data, tmp_path
     b = zarr.open_group(str(killed), mode="r")
     for level in ("0", "1"):
         assert np.array_equal(a[level][:], b[level][:])
+
+
+def test_stain_he2he_with_the_variations_model_and_annealed_guidance(tmp_path, capsys):
+    """mupad stain --task he2he --model demo-he2he: window tokens, guidance schedule, valid store."""
+    from mupad_core.demo import sample_slide_path
+
+    out = tmp_path / "var.ome.zarr"
+    code = main(["stain", str(sample_slide_path()), "-o", str(out), "--task", "he2he", "--model", "demo-he2he",
+                 "--roi", "1000", "1400", "128", "128", "--target-mpp", "0.5", "--window-px", "64",
+                 "--overlap-px", "16", "--steps", "2", "--guidance", "1.5", "--guidance-schedule", "annealed"])
+    assert code == 0, capsys.readouterr().err
+    validate_omezarr(out)
+    provenance = zarr.open_group(out, mode="r").attrs["mupad"]
+    assert provenance["model_id"] == "demo-he2he" and provenance["engine"]["guidance_schedule"] == "annealed"
+    assert zarr.open_group(out, mode="r")["0"][:].std() > 5
+    code = main(["stain", str(sample_slide_path()), "-o", str(tmp_path / "bad.ome.zarr"), "--task", "he2he",
+                 "--model", "demo-he2he", "--roi", "1000", "1400", "128", "128", "--guidance", "1",
+                 "--guidance-schedule", "sometimes"])
+    assert code == 1 and "guidance schedule 'sometimes'" in capsys.readouterr().err
