@@ -24,19 +24,23 @@ DATA = REPO / "runs" / "demo-data" / "birl"
 MPP = 4.6
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default=str(REPO / "runs" / "baseline-he2ihc-pix2pix" / "model"))
     parser.add_argument("--cyclegan", default=str(REPO / "runs" / "baseline-he2ihc-cyclegan" / "model"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=str(REPO / "runs" / "reports" / "demo-he2ihc"))
     parser.add_argument("--tile", type=int, default=64)
-    args = parser.parse_args()
+    parser.add_argument("--data", default=str(DATA), help="prepared BIRL demo data (manifest.csv, val_*.png)")
+    parser.add_argument("--figures", default=str(REPO / "docs" / "images"), help="where the figures are copied")
+    parser.add_argument("--resamples", type=int, default=200)
+    args = parser.parse_args(argv)
     from mupad_core.evaluate.heldout import evaluate_heldout
     from mupad_core.evaluate.report import evaluate_sets, load_set, write_report
 
     out = Path(args.out)
-    manifest = DATA / "manifest.csv"
+    data = Path(args.data)
+    manifest = data / "manifest.csv"
     if not manifest.is_file():
         raise SystemExit(f"{manifest}: no demo data; run python -m mupad_core.demo_data first")
     stores = {}
@@ -51,19 +55,21 @@ def main() -> None:
         summary = evaluate_heldout(model, manifest, "he2ihc", MPP, steps=args.steps, keep=keep)
         print(f"{name}: PSNR {summary['psnr_mean']} dB, patch PCC {summary['patch_pcc_mean']} (whole region)")
         stores[name] = keep / "val_0.ome.zarr"
-    reference = load_set(DATA / "val_target.png", "registered IHC", tile=args.tile)
+    reference = load_set(data / "val_target.png", "registered IHC", tile=args.tile)
     # Every tile of the outputs, then the reference's tissue tiles in all three (its glass test decides).
     prediction = load_set(stores["MUPAD demo-he2ihc"], "MUPAD demo-he2ihc", tile=args.tile, background=256)
     baselines = [load_set(stores[name], name, tile=args.tile, background=256) for name, _ in models[1:]]
     for images in (prediction, *baselines):
         images.tiles = {k: v for k, v in images.tiles.items() if k in reference.tiles}
     # (No cell composition: at 4.6 µm/px a nucleus is about two pixels wide.)
-    results = evaluate_sets(prediction, reference, baselines, resamples=200)
+    results = evaluate_sets(prediction, reference, baselines, resamples=args.resamples)
     report = write_report(results, out, prediction, reference, baselines)
-    images = REPO / "docs" / "images"
+    images = Path(args.figures)
+    images.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / "distribution.png", images / "eval-demo-he2ihc-distribution.png")
     shutil.copy(out / "grid.png", images / "eval-demo-he2ihc-grid.png")
     print(report.read_text())
+    return results
 
 
 if __name__ == "__main__":

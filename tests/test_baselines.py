@@ -91,3 +91,38 @@ def test_cyclegan_trains_unpaired_and_exports_its_translator(tmp_path):
     handle = load_handle(str(result.model_dir), "he2he")
     assert isinstance(handle, OnePassHandle) and type(handle.model).__name__ == "UNet2DModel"
     assert sum(p.numel() for p in handle.model.parameters()) < sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.slow
+def test_the_demo_report_puts_mupad_beside_both_baselines_at_test_size(shared_data, tmp_path, capsys):
+    """scripts/report_demo_he2ihc.py end to end on the real BIRL pair, with baselines trained for a few
+    steps by their committed configs: one report, three rows, figures written where asked."""
+    import importlib.util
+    import json
+
+    from mupad_core.demo_data import prepare_birl
+
+    data = prepare_birl(shared_data, tmp_path / "demo-data")
+    folders = {}
+    for kind in ("pix2pix", "cyclegan"):
+        config = yaml.safe_load((REPO / "configs" / f"baseline-he2ihc-{kind}.yaml").read_text())
+        config.update(out_dir=str(tmp_path / "runs"))
+        config["model"].update(block_out_channels=[8, 16], norm_num_groups=4)
+        config["data"]["manifest"] = str(data / "manifest.csv")
+        config["train"].update(steps=2, batch_size=2, warmup_steps=0, checkpoint_every=2, log_every=1)
+        path = tmp_path / f"{kind}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        folders[kind] = train(load_config(path), progress_bar=False, log=lambda m: None).model_dir
+    spec = importlib.util.spec_from_file_location("report_demo_he2ihc", REPO / "scripts" / "report_demo_he2ihc.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    results = script.main(["--data", str(data), "--baseline", str(folders["pix2pix"]), "--cyclegan",
+                           str(folders["cyclegan"]), "--steps", "2", "--out", str(tmp_path / "report"),
+                           "--figures", str(tmp_path / "figures"), "--resamples", "10"])
+    names = [entry["name"] for entry in results["sets"]]
+    assert names == ["MUPAD demo-he2ihc", "pix2pix baseline", "CycleGAN baseline"]
+    assert all(entry["paired"]["tiles"] == results["reference"]["tiles"] > 10 for entry in results["sets"])
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert all(f"| {name} |" in report for name in names)
+    assert json.loads((tmp_path / "report" / "report.json").read_text()) == results
+    assert (tmp_path / "figures" / "eval-demo-he2ihc-grid.png").is_file()
