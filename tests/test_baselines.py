@@ -117,11 +117,11 @@ def test_the_demo_report_puts_mupad_beside_both_baselines_at_test_size(shared_da
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     results = script.main(["--data", str(data), "--baseline", str(folders["pix2pix"]), "--cyclegan",
-                           str(folders["cyclegan"]), "--steps", "2", "--out", str(tmp_path / "report"),
+                           str(folders["cyclegan"]), "--steps", "2", "--tile", "128", "--out", str(tmp_path / "report"),
                            "--figures", str(tmp_path / "figures"), "--resamples", "10"])
     names = [entry["name"] for entry in results["sets"]]
     assert names == ["MUPAD demo-he2ihc", "pix2pix baseline", "CycleGAN baseline"]
-    assert all(entry["paired"]["tiles"] == results["reference"]["tiles"] > 10 for entry in results["sets"])
+    assert all(entry["paired"]["tiles"] == results["reference"]["tiles"] >= 4 for entry in results["sets"])
     report = (tmp_path / "report" / "report.md").read_text()
     assert all(f"| {name} |" in report for name in names)
     assert json.loads((tmp_path / "report" / "report.json").read_text()) == results

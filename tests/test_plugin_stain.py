@@ -658,7 +658,7 @@ def test_variations_model_with_guidance_stains_a_drawn_roi(slide_viewer, tmp_pat
     """he2he through the widget: the bundled variations model (image stream) with annealed guidance."""
     viewer = slide_viewer
     source = viewer.layers[0]
-    roi = (1200, 1760, 128, 128)
+    roi = (1200, 1760, 64, 64)  # one window of the model
     _draw_roi(viewer, source, roi)
     widget = _widget(viewer, tmp_path, qtbot)
     assert not widget.guidance_spin.isEnabled()  # identity: no stream to guide
@@ -667,7 +667,7 @@ def test_variations_model_with_guidance_stains_a_drawn_roi(slide_viewer, tmp_pat
     assert widget.task_combo.currentText() == "he2he" and widget.guidance_spin.isEnabled()
     widget.guidance_spin.setValue(1.5)
     widget.schedule_combo.setCurrentText("annealed")
-    widget.steps_spin.setValue(3)
+    widget.steps_spin.setValue(2)
     _run(widget, qtbot, timeout=300_000)
     job = widget.jobs[0]
     assert job.status == "done", widget.status_label.text()
