@@ -192,3 +192,20 @@ def test_stain_he2he_with_the_variations_model_and_annealed_guidance(tmp_path, c
                  "--model", "demo-he2he", "--roi", "1000", "1400", "128", "128", "--guidance", "1",
                  "--guidance-schedule", "sometimes"])
     assert code == 1 and "guidance schedule 'sometimes'" in capsys.readouterr().err
+
+
+def test_stain_runs_a_model_at_its_own_pixel_size_by_default(tmp_path, capsys):
+    """demo-he2ihc was trained at 4.6 µm/px: without --target-mpp that is the output's size
+    (at the scan's 0.5 µm/px it would be ~80x the work and outside what it learnt)."""
+    from mupad_core.demo import sample_slide_path
+
+    out = tmp_path / "ihc.ome.zarr"
+    code = main(["stain", str(sample_slide_path()), "-o", str(out), "--task", "he2ihc", "--model", "demo-he2ihc",
+                 "--roi", "0", "0", "460", "368", "--steps", "1"])
+    assert code == 0
+    assert "model's own 4.6 µm/px" in capsys.readouterr().err
+    validate_omezarr(out)
+    group = zarr.open_group(str(out), mode="r")
+    scale = group.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale[-2:] == pytest.approx([4.6, 4.6])
+    assert group["0"].shape == (3, 40, 50)  # 368 x 460 level-0 px at 0.499 -> 4.6 µm/px

@@ -168,6 +168,33 @@ def test_resampled_output_does_not_depend_on_block_size(cmu, tmp_path):
         assert np.array_equal(small, large)
 
 
+def test_resampling_past_the_slide_edge_reads_background_without_reading_it(cmu, monkeypatch):
+    """A coarse target's window margin reaches far past the slide: only the part on the
+    slide is read, and the taps beyond it weigh in as background, exactly as if read."""
+    from mupad_core.generate.resample import axis_taps, pixel_map, read_resampled
+
+    pmap = pixel_map(cmu, (0, 0, *cmu.dimensions), 4.6)  # ~9x down: 20 taps a pixel
+    box = (-30, -40, 80, 90)  # output (oy, ox, oh, ow): past the top-left corner
+    asked = []
+    read = cmu.read_region
+    monkeypatch.setattr(cmu, "read_region", lambda *a: asked.append(a) or read(*a))
+    got = read_resampled(cmu, pmap, *box).numpy()
+    (level, x, y, w, h), = asked
+    assert x >= 0 and y >= 0  # nothing off the slide was read
+    # Reference: read the whole tap box (background outside) and apply dense weights.
+    iy, wy = axis_taps(box[0], box[2], pmap.origin[1], pmap.step[1])
+    ix, wx = axis_taps(box[1], box[3], pmap.origin[0], pmap.step[0])
+    y0, x0 = iy.min(), ix.min()
+    full = read(pmap.level, int(x0), int(y0), int(ix.max() - x0 + 1), int(iy.max() - y0 + 1)) / 255.0
+    dense_y = np.zeros((box[2], full.shape[0]))
+    np.put_along_axis(dense_y, iy - y0, wy, axis=1)
+    dense_x = np.zeros((box[3], full.shape[1]))
+    np.put_along_axis(dense_x, ix - x0, wx, axis=1)
+    expected = np.einsum("yi,ijc,xj->cyx", dense_y, full, dense_x, optimize=True)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert got[:, :20, :20].min() > 0.999  # well off the slide: white
+
+
 def test_resampling_matches_pil_antialiased_bilinear(cmu, tmp_path):
     """The slide-wide map is the usual centre-aligned antialiased bilinear resize (PIL's),
     so stained pixels sit where a viewer scaling the source would put them."""

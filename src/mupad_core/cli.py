@@ -110,8 +110,11 @@ def _cmd_stain(args) -> int:
     from .slide.readers import open_slide
 
     device = _resolve_device(args.device)
-    config = _stain_config(args, roi=tuple(args.roi) if args.roi else None, target_mpp=args.target_mpp)
     handle = load_handle(args.model, args.task, device=device)
+    target_mpp = args.target_mpp or handle.mpp  # a model runs at the pixel size it was trained at
+    if target_mpp and not args.target_mpp and not args.quiet:
+        print(f"mupad: output at the model's own {target_mpp:g} µm/px (--target-mpp to change)", file=sys.stderr)
+    config = _stain_config(args, roi=tuple(args.roi) if args.roi else None, target_mpp=target_mpp)
     with open_slide(args.slide, mpp=args.mpp) as reader:
         bar = tqdm(total=None, unit="block", desc=f"{args.task} {reader.path.name}", disable=args.quiet)
 
@@ -390,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     stain.add_argument("-o", "--out", required=True, help="output .ome.zarr path")
     stain.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"), help="level-0 pixels")
     stain.add_argument("--mpp", type=float, help="source pixel size (µm/px) when the file has none")
-    stain.add_argument("--target-mpp", type=float, help="output pixel size (default: the source's)")
+    stain.add_argument("--target-mpp", type=float, help="output pixel size (default: the model's own when it records one, else the source's)")
     _add_run_args(stain)
     stain.add_argument("--quiet", action="store_true", help="no progress bar")
     stain.set_defaults(func=_cmd_stain)

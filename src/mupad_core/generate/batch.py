@@ -50,6 +50,8 @@ def stain_one(slide: str, out_path: str, model: str, config: StainConfig, mpp: f
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         handle = load_handle(model, config.task, device=device)
+        if not config.target_mpp and handle.mpp:  # the model's own pixel size, as `mupad stain`
+            config = replace(config, target_mpp=handle.mpp)
         with open_slide(slide, mpp=mpp) as reader:
             out = run_stain(reader, handle, out_path, config)
         return SlideResult(slide, str(out))

@@ -28,6 +28,7 @@ class ModelHandle(Protocol):
     latent_channels: int
     downscale: int
     passthrough: bool
+    mpp: float | None  # the pixel size (µm) the model was trained at; None when it records none
 
     def prepare(self, source: torch.Tensor) -> Any: ...
 
@@ -44,6 +45,7 @@ class IdentityHandle:
     passthrough = True
     latent_channels = 3
     downscale = 1
+    mpp = None
 
     def __init__(self, out_channels: int = 3):
         self.out_channels = out_channels
@@ -70,7 +72,7 @@ class SiTImageToImageHandle:
     """
 
     passthrough = False
-    image_encoder = token_map = image_px = None
+    image_encoder = token_map = image_px = mpp = None
 
     def __init__(self, model, codec, model_id: str, weights_hash: str, device="cpu", dtype=torch.float32,
                  channel_names: list[str] | None = None, channel_colors: list[str] | None = None,
@@ -242,6 +244,16 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     """`identity`, or a MUPAD checkpoint (bundled id, folder or hub id) with a spatial-template input."""
     if spec == "identity":
         return IdentityHandle()
+    from ..models.checkpoint import CHECKPOINT_FILES, read_pipeline
+    from ..zoo import resolve_model
+
+    handle = _load_checkpoint_handle(spec, task, device)
+    recorded = read_pipeline(resolve_model(spec, CHECKPOINT_FILES)).get("mpp")
+    handle.mpp = float(recorded) if recorded else handle.mpp  # a flow falls back on its generator's
+    return handle
+
+
+def _load_checkpoint_handle(spec: str, task: str, device: str) -> ModelHandle:
     from ..models.checkpoint import CHECKPOINT_FILES, load_model, read_pipeline, weights_sha256
     from ..models.vae import codec_for, load_vae
     from ..zoo import resolve_model
