@@ -425,18 +425,21 @@ def test_widgets_open_from_the_plugin_menu_without_importing_torch(make_napari_v
     import subprocess
     import sys
 
-    code = ("import sys, napari_mupad.widgets.stain, napari_mupad.widgets.roi_generate\n"
+    code = ("import sys, napari_mupad.widgets.stain, napari_mupad.widgets.roi_generate, napari_mupad.widgets.synthetic\n"
             "sys.exit(1 if 'torch' in sys.modules else 0)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, "opening the widgets imported torch: " + proc.stderr[-2000:]
 
     from napari_mupad.widgets.roi_generate import RoiGenerateWidget
     from napari_mupad.widgets.stain import StainWidget
+    from napari_mupad.widgets.synthetic import SyntheticDataWidget
 
     viewer = make_napari_viewer()
     _, stain = viewer.window.add_plugin_dock_widget("napari-mupad", "Virtual stain")
     _, generate = viewer.window.add_plugin_dock_widget("napari-mupad", "Generate tissue in ROIs")
+    _, synthetic = viewer.window.add_plugin_dock_widget("napari-mupad", "Synthetic training data")
     assert isinstance(stain, StainWidget) and isinstance(generate, RoiGenerateWidget)
+    assert isinstance(synthetic, SyntheticDataWidget) and synthetic.model_combo.currentText() == "demo-he2he"
     viewer.add_image(np.zeros((8, 8, 3), np.uint8), rgb=True, name="slide", metadata={"path": "x.svs", "mpp": (1, 1)})
     viewer.add_shapes(name="rois")
     assert stain.source_combo.currentText() == "slide"  # the widgets follow this viewer's layers

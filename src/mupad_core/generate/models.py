@@ -289,9 +289,9 @@ def _load_checkpoint_handle(spec: str, task: str, device: str) -> ModelHandle:
     codec = codec_for(pipeline["vae"], pipeline.get("channels"), device=device)  # marker groups for N != 3
     image_encoder = None
     if "image" in streams:
-        from .roi import load_generator
+        from .roi import load_encoders
 
-        image_encoder = load_generator(str(folder), device=device, allow_template=True).encoders["image"]
+        image_encoder = load_encoders(folder, pipeline, model, device)["image"]
     return SiTImageToImageHandle(model, codec, str(spec), weights_sha256(folder), device=device, dtype=dtype,
                                  channel_names=pipeline.get("channels"), channel_colors=pipeline.get("colors"),
                                  image_encoder=image_encoder, image_px=pipeline.get("image_px"))

@@ -172,7 +172,6 @@ def load_generator(spec: str | Path, device: str = "cpu", allow_template: bool =
     """A checkpoint folder or hub id with condition streams and no spatial template
     (`allow_template`: also a restaining model, for measurements that pass the template)."""
     from ..models.checkpoint import CHECKPOINT_FILES, load_model, read_pipeline, weights_sha256
-    from ..models.conditioning import build_encoder
     from ..models.vae import codec_for
 
     from ..zoo import resolve_model
@@ -183,6 +182,17 @@ def load_generator(spec: str | Path, device: str = "cpu", allow_template: bool =
     if model.config.concat_channels and not allow_template:
         raise ValueError(f"{folder}: this model restains a source image (spatial template); "
                          "use it with the virtual-stain widget or `mupad stain`, not for generation from noise")
+    encoders = load_encoders(folder, pipeline, model, device)
+    codec = codec_for(pipeline["vae"], pipeline.get("channels"), device=device)
+    return RegionGenerator(model=model, codec=codec, encoders=encoders, model_id=str(spec), weights_hash=weights_sha256(folder),
+                           window_px=int(pipeline.get("window_px", 256)), image_px=int(pipeline.get("image_px", 224)),
+                           device=torch.device(device))
+
+
+def load_encoders(folder: Path, pipeline: dict, model, device: str = "cpu") -> dict:
+    """The condition encoders a checkpoint's streams take, with their trained weights where saved."""
+    from ..models.conditioning import build_encoder
+
     dims = dict(model.config.condition_dims or {})
     token_counts = dict(model.config.condition_tokens or {})
     specs = pipeline.get("encoders", {})
@@ -202,10 +212,7 @@ def load_generator(spec: str | Path, device: str = "cpu", allow_template: bool =
 
             encoder.load_state_dict(load_file(weights), strict=True)
         encoders[modality] = encoder.to(device).eval()
-    codec = codec_for(pipeline["vae"], pipeline.get("channels"), device=device)
-    return RegionGenerator(model=model, codec=codec, encoders=encoders, model_id=str(spec), weights_hash=weights_sha256(folder),
-                           window_px=int(pipeline.get("window_px", 256)), image_px=int(pipeline.get("image_px", 224)),
-                           device=torch.device(device))
+    return encoders
 
 
 def condition_from(gen: RegionGenerator, kind: str, value: Any) -> tuple[Conditions, dict]:
