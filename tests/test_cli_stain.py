@@ -209,3 +209,5 @@ def test_stain_runs_a_model_at_its_own_pixel_size_by_default(tmp_path, capsys):
     scale = group.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     assert scale[-2:] == pytest.approx([4.6, 4.6])
     assert group["0"].shape == (3, 40, 50)  # 368 x 460 level-0 px at 0.499 -> 4.6 µm/px
+    engine = group.attrs["mupad"]["engine"]
+    assert engine["window_px"] == 64 and engine["overlap_px"] == 16  # its own window, as the widget

@@ -111,10 +111,10 @@ def _cmd_stain(args) -> int:
 
     device = _resolve_device(args.device)
     handle = load_handle(args.model, args.task, device=device)
-    target_mpp = args.target_mpp or handle.mpp  # a model runs at the pixel size it was trained at
-    if target_mpp and not args.target_mpp and not args.quiet:
-        print(f"mupad: output at the model's own {target_mpp:g} µm/px (--target-mpp to change)", file=sys.stderr)
-    config = _stain_config(args, roi=tuple(args.roi) if args.roi else None, target_mpp=target_mpp)
+    config = _stain_config(args, roi=tuple(args.roi) if args.roi else None, target_mpp=args.target_mpp)
+    if config.target_mpp and not args.target_mpp and not args.quiet:
+        print(f"mupad: output at the model's own {config.target_mpp:g} µm/px (--target-mpp to change)",
+              file=sys.stderr)
     with open_slide(args.slide, mpp=args.mpp) as reader:
         bar = tqdm(total=None, unit="block", desc=f"{args.task} {reader.path.name}", disable=args.quiet)
 
@@ -336,8 +336,9 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per network pass")
-    parser.add_argument("--window-px", type=int, default=256, help="window size in output pixels (default 256)")
-    parser.add_argument("--overlap-px", type=int, default=64, help="window overlap (default 64)")
+    parser.add_argument("--window-px", type=int,
+                        help="window size in output pixels (default: the model's own, else 256)")
+    parser.add_argument("--overlap-px", type=int, help="window overlap (default: a quarter of the window)")
     parser.add_argument("--block-px", type=int, default=1024,
                         help="output pixels per block: the unit of streaming and resume (default 1024)")
     parser.add_argument("--samples", type=int, default=1, metavar="K",
@@ -359,14 +360,19 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _stain_config(args, **extra):
+def _stain_config(args, target_mpp: float | None = None, **extra):
+    """The engine settings; pixel size and window default to the model's own (its pipeline file)."""
     from .generate.engine import StainConfig
+    from .generate.models import model_defaults
 
+    defaults = model_defaults(args.model)
+    window = args.window_px or defaults.get("window_px") or 256
+    overlap = args.overlap_px if args.overlap_px is not None else window // 4
     return StainConfig(
         task=args.task, steps=args.steps, method=args.sampler, guidance=args.guidance,
         guidance_schedule=args.guidance_schedule, seed=args.seed, batch_size=args.batch_size, version=args.format, resume=args.resume, overwrite=args.overwrite,
-        window_px=args.window_px, overlap_px=args.overlap_px, block_px=args.block_px, margin_px=args.window_px,
-        samples=args.samples, strength=args.strength, **extra,
+        window_px=window, overlap_px=overlap, block_px=args.block_px, margin_px=window,
+        samples=args.samples, strength=args.strength, target_mpp=target_mpp or defaults.get("mpp"), **extra,
     )
 
 

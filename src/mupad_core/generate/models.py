@@ -244,13 +244,23 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     """`identity`, or a MUPAD checkpoint (bundled id, folder or hub id) with a spatial-template input."""
     if spec == "identity":
         return IdentityHandle()
+    handle = _load_checkpoint_handle(spec, task, device)
+    handle.mpp = model_defaults(spec).get("mpp") or handle.mpp  # a flow falls back on its generator's
+    return handle
+
+
+def model_defaults(spec: str) -> dict:
+    """What a checkpoint records about how it runs: {"mpp": µm/px, "window_px": px}, where given.
+
+    A model runs best at the pixel size and window it was trained at; `mupad stain` and the
+    stain widget default to them. `identity` records nothing."""
+    if spec == "identity":
+        return {}
     from ..models.checkpoint import CHECKPOINT_FILES, read_pipeline
     from ..zoo import resolve_model
 
-    handle = _load_checkpoint_handle(spec, task, device)
-    recorded = read_pipeline(resolve_model(spec, CHECKPOINT_FILES)).get("mpp")
-    handle.mpp = float(recorded) if recorded else handle.mpp  # a flow falls back on its generator's
-    return handle
+    pipeline = read_pipeline(resolve_model(spec, CHECKPOINT_FILES))
+    return {key: cast(pipeline[key]) for key, cast in (("mpp", float), ("window_px", int)) if pipeline.get(key)}
 
 
 def _load_checkpoint_handle(spec: str, task: str, device: str) -> ModelHandle:
