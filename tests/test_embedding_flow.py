@@ -69,6 +69,15 @@ def test_mupad_train_fits_a_flow_for_a_generator_and_the_engine_runs_the_pair(tm
 
     translated, provenance = run(load_handle(str(result.model_dir), "he2ihc"), "translated")
     assert provenance["model_id"] == str(result.model_dir)
+    # The same pair from the command line, as a user selects the flow: --model FLOW_FOLDER.
+    from mupad_core.cli import main
+
+    code = main(["stain", slide, "-o", str(tmp_path / "cli.ome.zarr"), "--task", "he2ihc", "--model",
+                 str(result.model_dir), "--roi", *map(str, roi), "--target-mpp", "0.5", "--steps", "3", "--seed", "1",
+                 "--window-px", "64", "--overlap-px", "16", "--quiet"])
+    assert code == 0
+    cli = zarr.open_group(str(tmp_path / "cli.ome.zarr"), mode="r")
+    assert cli.attrs["mupad"]["model_id"] == str(result.model_dir) and cli["0"].shape == (3, 128, 128)
     plain, _ = run(load_handle("demo-he2he", "he2he"), "plain")
     assert np.abs(translated - plain).mean() > 0  # the tokens went through the trained flow
     # A flow with a zeroed output layer is the identity: the pair then equals the generator alone.

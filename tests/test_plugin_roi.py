@@ -420,3 +420,31 @@ def test_translate_region_returns_the_section_under_the_same_prompt(slide_viewer
     np.testing.assert_allclose(edges, rect[[0, 1]], atol=1e-4)
     condition = layer.metadata["mupad"]["condition"]
     assert condition["kind"] == "translate" and condition["section"] == slide.name
+
+
+def test_generate_cli_from_an_rna_sample_and_a_bad_table(checkpoint, shared_data, tmp_path, capsys):
+    """rna2he from the command line: a TCGA sample scored on the bundled pathways; a table with
+    no known genes is one line naming the file."""
+    import zarr
+
+    from mupad_core.cli import main
+    from mupad_core.store import validate_omezarr
+
+    out = tmp_path / "rna.ome.zarr"
+    code = main(["generate", "-o", str(out), "--model", str(checkpoint), "--rna", str(shared_data / EXPRESSION),
+                 "--sample", "TCGA-FD-A3SR", "--size", "48", "64", "--steps", "2", "--mpp", "0.5", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    validate_omezarr(out)
+    group = zarr.open_group(str(out), mode="r")
+    assert group["0"].shape == (3, 48, 64)
+    condition = group.attrs["mupad"]["condition"]
+    assert condition["kind"] == "rna" and condition["sample"] == "TCGA-FD-A3SR" and condition["genes_matched"] > 1000
+
+    bad = tmp_path / "no_genes.csv"
+    bad.write_text("sample,NOTAGENE1,NOTAGENE2\ns1,1.0,2.0\n")
+    capsys.readouterr()
+    code = main(["generate", "-o", str(tmp_path / "bad.ome.zarr"), "--model", str(checkpoint), "--rna", str(bad),
+                 "--size", "48", "48", "--steps", "1", "--mpp", "0.5", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "no_genes.csv" in err[0], err
+    assert not (tmp_path / "bad.ome.zarr").exists()

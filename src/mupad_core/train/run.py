@@ -450,6 +450,7 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
     bar = _progress(progress_bar and process.main, resumed_from, t.steps)
     start = time.perf_counter()
     window_start, window_images = time.perf_counter(), 0
+    shown_rate = None  # images/s on the progress bar
     last = resumed_from
     while trainer.step < t.steps:
         if stop_after is not None and trainer.step >= stop_after:
@@ -471,7 +472,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
                 append_metrics(run_dir, record)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss_total']:.4f}", img_s=f"{record.get('images_per_s', 0):.1f}")
+            if "images_per_s" in record:  # measured over each logging window; kept between them
+                shown_rate = record["images_per_s"]
+            bar.set_postfix(loss=f"{record['loss_total']:.4f}", img_s=f"{shown_rate:.1f}" if shown_rate else "…")
         if trainer.step % t.checkpoint_every == 0 or trainer.step == t.steps:
             save_checkpoint(run_dir, trainer, model, encoders, config, process)
         if t.time_budget_s is not None and time.perf_counter() - start > t.time_budget_s:
