@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Seconds per slide end to end, and peak memory against slide size, with a real model.
 
-    python benchmarks/slide_end_to_end.py [--sizes 4096 8192 16384] [--model demo-he2ihc]
+    python benchmarks/slide_end_to_end.py [--sizes 4096 8192 16384 28284] [--model demo-he2ihc]
                                           [--steps 8] [--target-mpp MPP] [--random-sit B/2]
                                           [--device auto] [--workdir DIR]
 
@@ -9,7 +9,8 @@ For each size, the synthetic pyramidal slide of `slide_throughput.py` (real H&E 
 glass, about half tissue, 0.5 µm/px, tiled JPEG that OpenSlide reads; cached in --workdir) goes
 from file to finished OME-Zarr through `run_stain` in a fresh process, exactly as `mupad stain`
 runs it: model load, tissue mask, windows fused at every step, pyramid and metadata. Reported
-per size: seconds (load, stain, total), output tiles/s (256 px), network passes, peak RSS
+per size: slide area, seconds (load, stain, total), mm² of slide per second, network calls
+(window batches through the model, each step and guidance pass counted), peak RSS
 (VmHWM of that process) and, on a GPU, peak allocated GPU memory.
 
 --model: a bundled id, checkpoint folder or hub id, run at its own pixel size unless
@@ -37,12 +38,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slide_throughput import machine_lines, make_slide, peak_rss  # noqa: E402
 
+SLIDE_MPP = 0.5  # the synthetic slide's pixel size
 SIT_SIZES = {"S/2": (384, 12, 6), "B/2": (768, 12, 12), "L/2": (1024, 24, 16), "XL/2": (1152, 28, 16)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384], help="slide sides in px")
+    p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 28284],
+                   help="slide sides in px (28284 px at 0.5 µm/px = 2 cm²)")
     p.add_argument("--model", default="demo-he2ihc")
     p.add_argument("--random-sit", choices=sorted(SIT_SIZES), help="a random-weight SiT of this size instead")
     p.add_argument("--task", default=None, help="default: the model's first task")
@@ -123,8 +126,8 @@ def main(argv=None) -> int:
         if args.random_sit else args.model
     print(f"model: {args.random_sit and f'random-weight SiT-{args.random_sit} ({model})' or model}, "
           f"{args.steps} steps, batch {args.batch_size}")
-    print("| slide (px) | output (px) | load (s) | stain (s) | total (s) | output tiles/s | network calls | peak RSS (MiB) | peak GPU (MiB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| slide (px) | area (mm²) | output (px) | load (s) | stain (s) | total (s) | mm²/s | network calls | peak RSS (MiB) | peak GPU (MiB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for size in args.sizes:
         slide = args.workdir / f"synthetic-{size}-256.tiff"
@@ -142,10 +145,10 @@ def main(argv=None) -> int:
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         _, h, w = row["output_shape"]
-        tiles = (h / 256) * (w / 256)
+        area = (size * SLIDE_MPP / 1000) ** 2  # mm² of the slide (tissue and glass)
         gpu = f"{row['peak_gpu'] / 2**20:.0f}" if row["peak_gpu"] else "–"
-        print(f"| {size} | {w} × {h} | {row['load_s']:.1f} | {row['stain_s']:.1f} | {row['total_s']:.1f} | "
-              f"{tiles / row['stain_s']:.2f} | {row['network_calls']} | {row['peak_rss'] / 2**20:.0f} | {gpu} |",
+        print(f"| {size} | {area:.1f} | {w} × {h} | {row['load_s']:.1f} | {row['stain_s']:.1f} | {row['total_s']:.1f} | "
+              f"{area / row['total_s']:.2f} | {row['network_calls']} | {row['peak_rss'] / 2**20:.0f} | {gpu} |",
               flush=True)
     print(f"seconds_per_slide_{args.sizes[-1]}: {rows[-1]['total_s']:.1f}")
     print(f"peak_rss_growth: {rows[-1]['peak_rss'] / rows[0]['peak_rss']:.2f}")
