@@ -135,15 +135,56 @@ class SerialEvents:
 class JobControls:
     """Run/Cancel/progress state shared by the widgets that run jobs in a worker.
 
-    A widget sets `_cancel_message` ("… after the current block"), `_job_noun`, `_done_word`
-    and `_failure_title`, and may override `_discard(job)` to remove what a job that did not
-    finish left on screen, and `_idle_progress(text)` for the bar's value when idle.
+    A widget implements `_start()` (check the form, build the worker, `_launch` it) and sets
+    `_label` ("MUPAD stain"), `_busy_noun` ("a stain run"), `_cancel_message` ("… after the
+    current block"), `_job_noun`, `_done_word` and `_failure_title`; it may override
+    `_discard(job)` to remove what a job that did not finish left on screen, and
+    `_idle_progress(text)` for the bar's value when idle.
     """
 
+    _label = "MUPAD"
+    _busy_noun = "a run"
     _cancel_message = "cancelling …"
     _job_noun = "job(s)"
     _done_word = "done"
     _failure_title = "MUPAD job failed"
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def run(self) -> None:
+        """Start the job (GUI thread); returns at once. Any mistake is a notification, never a crash."""
+        from napari.utils.notifications import show_error, show_warning
+
+        if self.running:
+            show_warning(f"{self._busy_noun} is in progress; cancel it or wait")
+            return
+        try:
+            self._start()
+        except Exception as exc:  # the user sees what to fix
+            show_error(f"{self._label}: {short_error(exc)}")
+            self._set_idle(f"error: {short_error(exc)}")
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _launch(self, worker, *, total: int, status: str) -> None:
+        """Wire a created (not started) worker's events through `self._events`, show the run as
+        busy (`total` 0: until the first report), start it."""
+        from napari.utils import progress
+
+        self.worker = worker
+        worker.returned.connect(lambda r: self._events.post(self._on_returned, r))
+        worker.errored.connect(lambda e: self._events.post(self._on_errored, e))
+        worker.finished.connect(lambda: self._events.post(self._on_finished))
+        self._progress = progress(total=total, desc=self._label)
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress_bar.setRange(0, total)
+        self.progress_bar.setValue(0)
+        self.status_label.setText(status)
+        worker.start()
 
     def _lay_out(self, form) -> None:
         """The panel: the widget's form, then Run | Cancel, the progress bar, the status line

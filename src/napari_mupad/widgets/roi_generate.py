@@ -25,7 +25,7 @@ import napari
 import napari.viewer
 import numpy as np
 from napari.layers import Image, Shapes
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QComboBox,
@@ -176,6 +176,7 @@ class RoiGenerateWidget(JobControls, QWidget):
     """Dock widget: ROI shapes, condition (text / RNA / reference image), model, sampling; Run / Cancel."""
 
     _cancel_message = "cancelling after the current step …"
+    _label, _busy_noun = "MUPAD generate", "a generation run"
     _job_noun, _done_word, _failure_title = "rectangle(s)", "generated", "MUPAD generate failed"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
@@ -339,10 +340,6 @@ class RoiGenerateWidget(JobControls, QWidget):
         if folder:
             self.model_combo.setCurrentText(folder)
 
-    @property
-    def running(self) -> bool:
-        return self.worker is not None
-
     def _layer(self, name: str, kind):
         return next((lay for lay in self.viewer.layers if isinstance(lay, kind) and lay.name == name), None)
 
@@ -390,19 +387,8 @@ class RoiGenerateWidget(JobControls, QWidget):
         raise AssertionError("unreachable")
 
     # -- run -------------------------------------------------------------------------
-    def run(self) -> None:
-        if self.running:
-            show_warning("a generation run is in progress; cancel it or wait")
-            return
-        try:
-            self._start()
-        except Exception as exc:
-            show_error(f"MUPAD generate: {short_error(exc)}")
-            self._set_idle(f"error: {short_error(exc)}")
-
     def _start(self) -> None:
         from napari.qt.threading import create_worker
-        from napari.utils import progress
 
         jobs = self.plan()
         model = self.model_combo.currentText().strip()
@@ -443,21 +429,14 @@ class RoiGenerateWidget(JobControls, QWidget):
         self.jobs = jobs
         self._kind, self._value = kind, value
         self._cancel = threading.Event()
-        self.worker = create_worker(
+        worker = create_worker(
             _generate_worker, model, self.device_combo.currentText(), main_thread_torch_threads(), kind,
             value if kind in ("text", "rna", "translate") else None, [(j.index, j.shape, j.reference) for j in jobs],
             self.steps_spin.value(), self.seed_spin.value(), float(self.guidance_spin.value()),
             self._cancel, self._relay, self.samples_spin.value(), _start_thread=False, _ignore_errors=True,
         )
-        self.worker.returned.connect(lambda r: self._events.post(self._on_returned, r))
-        self.worker.errored.connect(lambda e: self._events.post(self._on_errored, e))
-        self.worker.finished.connect(lambda: self._events.post(self._on_finished))
-        self._progress = progress(total=self.steps_spin.value() * len(jobs), desc="MUPAD generate")
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.progress_bar.setRange(0, 0)
-        self.status_label.setText(f"loading model {model} …")
-        self.worker.start()
+        self._launch(worker, total=self.steps_spin.value() * len(jobs), status=f"loading model {model} …")
+        self.progress_bar.setRange(0, 0)  # busy until the first step reports
 
     # -- worker events (GUI thread) ----------------------------------------------------
     def _on_step(self, index: int, done: int, total: int) -> None:

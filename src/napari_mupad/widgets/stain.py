@@ -142,6 +142,7 @@ class StainWidget(JobControls, QWidget):
     """Dock widget: source layer, task, model, region, steps, seed, device, output folder; Run / Cancel."""
 
     _cancel_message = "cancelling after the current block …"  # the partial store stays on disk, its layer goes
+    _label, _busy_noun = "MUPAD stain", "a stain run"
     _job_noun, _done_word, _failure_title = "ROI(s)", "done", "MUPAD stain failed"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
@@ -310,10 +311,6 @@ class StainWidget(JobControls, QWidget):
         if folder:
             self.output_edit.setText(folder)
 
-    @property
-    def running(self) -> bool:
-        return self.worker is not None
-
     def source_layer(self) -> Image | None:
         name = self.source_combo.currentText()
         return next((lay for lay in self._slide_layers() if lay.name == name), None)
@@ -348,20 +345,8 @@ class StainWidget(JobControls, QWidget):
         return kept
 
     # -- run -------------------------------------------------------------------------
-    def run(self) -> None:
-        """Start staining the chosen region (GUI thread); returns at once."""
-        if self.running:
-            show_warning("a stain run is in progress; cancel it or wait")
-            return
-        try:
-            self._start()
-        except Exception as exc:  # never a crash: the user sees what to fix
-            show_error(f"MUPAD stain: {short_error(exc)}")
-            self._set_idle(f"error: {short_error(exc)}")
-
     def _start(self) -> None:
         from napari.qt.threading import create_worker
-        from napari.utils import progress
 
         source = self.source_layer()
         rois = self.rois()
@@ -403,21 +388,13 @@ class StainWidget(JobControls, QWidget):
         # The pixel size the layer records (the file's, or the one given when it was opened);
         # none recorded: open_slide refuses the slide rather than guessing one.
         slide_mpp = self._src_mpp if source.metadata.get("mpp") is not None else None
-        self.worker = create_worker(
+        worker = create_worker(
             _stain_worker, str(source.metadata["path"]), slide_mpp, model, task,
             self.device_combo.currentText(), main_thread_torch_threads(),
             [(j.index, j.roi, str(j.out), j.resume) for j in self.jobs], engine, self._cancel, self._relay,
             _start_thread=False, _ignore_errors=True,
         )
-        self.worker.returned.connect(lambda r: self._events.post(self._on_returned, r))
-        self.worker.errored.connect(lambda e: self._events.post(self._on_errored, e))
-        self.worker.finished.connect(lambda: self._events.post(self._on_finished))
-        self._progress = progress(total=0, desc=f"MUPAD {task}")
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.progress_bar.setRange(0, 0)  # busy until the first block reports
-        self.status_label.setText(f"loading model {model} …")
-        self.worker.start()
+        self._launch(worker, total=0, status=f"loading model {model} …")  # busy until the first block reports
 
     @staticmethod
     def _unfinished(out_dir: Path, name: str) -> Path | None:

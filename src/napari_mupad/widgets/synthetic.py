@@ -20,7 +20,7 @@ from pathlib import Path
 import napari
 import napari.viewer
 import numpy as np
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -131,6 +131,7 @@ class SyntheticDataWidget(JobControls, QWidget):
     """Dock widget: class folder in, variations out (a training set), with a preview layer."""
 
     _cancel_message = "cancelling after the current image …"
+    _label, _busy_noun = "MUPAD synthetic data", "a synthetic-data run"
     _job_noun, _done_word, _failure_title = "set(s)", "written", "MUPAD synthetic data failed"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
@@ -205,20 +206,6 @@ class SyntheticDataWidget(JobControls, QWidget):
         if folder:
             edit.setText(folder)
 
-    @property
-    def running(self) -> bool:
-        return self.worker is not None
-
-    def run(self) -> None:
-        if self.running:
-            show_warning("a synthetic-data run is in progress; cancel it or wait")
-            return
-        try:
-            self._start()
-        except Exception as exc:
-            show_error(f"MUPAD synthetic data: {short_error(exc)}")
-            self._set_idle(f"error: {short_error(exc)}")
-
     def _start(self) -> None:
         from napari.qt.threading import create_worker
 
@@ -238,21 +225,10 @@ class SyntheticDataWidget(JobControls, QWidget):
         self.jobs = [SyntheticJob(in_dir, out_dir)]
         self._cancel = threading.Event()
         total = sum(len(v) for v in classes.values()) * settings.variations
-        self.worker = create_worker(_augment_worker, str(in_dir), str(out_dir), settings, self.device_combo.currentText(),
-                                    main_thread_torch_threads(), self._cancel, self._relay,
-                                    _start_thread=False, _ignore_errors=True)
-        self.worker.returned.connect(lambda r: self._events.post(self._on_returned, r))
-        self.worker.errored.connect(lambda e: self._events.post(self._on_errored, e))
-        self.worker.finished.connect(lambda: self._events.post(self._on_finished))
-        from napari.utils import progress
-
-        self._progress = progress(total=total, desc="MUPAD synthetic data")
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.progress_bar.setRange(0, total)
-        self.progress_bar.setValue(0)
-        self.status_label.setText(f"loading model {model} … ({total} images to write)")
-        self.worker.start()
+        worker = create_worker(_augment_worker, str(in_dir), str(out_dir), settings, self.device_combo.currentText(),
+                               main_thread_torch_threads(), self._cancel, self._relay,
+                               _start_thread=False, _ignore_errors=True)
+        self._launch(worker, total=total, status=f"loading model {model} … ({total} images to write)")
 
     def _on_image(self, done: int, total: int) -> None:
         self.progress_bar.setRange(0, total)
