@@ -395,11 +395,42 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
             write_block(writer, done, by, bx, out, chunks, c)
             if spread is not None:
                 write_block(spread, spread_done, by, bx, spread_pixels, chunks, c)
+            release_freed_memory()
             if progress is not None:
                 progress(n + 1, len(blocks))
     if spread is not None:
         spread.finalize()  # before the mean: a finished mean store means a finished spread too
     return writer.finalize()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the block back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Blocks allocate and free large buffers of varying sizes (edge blocks are smaller); glibc
+    keeps the freed pages, so the process grew block by block with the slide's size: peak RSS
+    983 MiB after 16 blocks of a 2 cm² slide, 641 MiB with a trim after each block (measured,
+    benchmarks/slide_end_to_end.py). A trim costs milliseconds against seconds per block."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim():
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is False:
+        import ctypes
+        import sys
+
+        _MALLOC_TRIM = None
+        if sys.platform.startswith("linux"):
+            try:
+                _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):  # musl and other C libraries have none
+                _MALLOC_TRIM = None
+    return _MALLOC_TRIM
+
+
+_MALLOC_TRIM = False  # not looked up yet
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
