@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -148,6 +149,19 @@ class JobControls:
     _job_noun = "job(s)"
     _done_word = "done"
     _failure_title = "MUPAD job failed"
+
+    def _init_job_state(self, viewer, relay) -> None:
+        """The state every job widget keeps; call first in __init__, then connect `relay`'s
+        signals through `self._events`."""
+        from napari.utils.notifications import show_error
+
+        self.viewer = viewer
+        self.worker = None
+        self.jobs: list = []
+        self._cancel = threading.Event()
+        self._progress = None
+        self._relay = relay
+        self._events = SerialEvents(lambda exc: show_error(f"{self._label}: {short_error(exc)}"))
 
     @property
     def running(self) -> bool:

@@ -25,7 +25,7 @@ import napari
 import napari.viewer
 import numpy as np
 from napari.layers import Image, Shapes
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QComboBox,
@@ -43,7 +43,7 @@ from qtpy.QtWidgets import (
 )
 
 from . import _geometry as geo
-from ._worker import JobControls, SerialEvents, main_thread_torch_threads, match_torch_threads, resolve_device, short_error
+from ._worker import JobControls, main_thread_torch_threads, match_torch_threads, resolve_device
 
 CONDITIONS = ("Text prompt", "RNA profile", "Reference image", "Translate region (FF→FFPE)")
 KINDS = ("text", "rna", "image", "translate")
@@ -181,13 +181,8 @@ class RoiGenerateWidget(JobControls, QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        self.viewer = napari_viewer
-        self.worker = None
+        self._init_job_state(napari_viewer, _Relay())
         self.jobs: list[RoiJob] = []
-        self._cancel = threading.Event()
-        self._progress = None
-        self._relay = _Relay()
-        self._events = SerialEvents(lambda exc: show_error(f"MUPAD generate: {short_error(exc)}"))
         self._relay.step.connect(lambda *a: self._events.post(self._on_step, *a))
         self._relay.result.connect(lambda *a: self._events.post(self._on_result, *a))
 

@@ -41,7 +41,6 @@ from mupad_core.tasks import SLIDE_TASKS, supports_strength
 from . import _geometry as geo
 from ._worker import (
     JobControls,
-    SerialEvents,
     default_output_dir,
     main_thread_torch_threads,
     match_torch_threads,
@@ -147,16 +146,11 @@ class StainWidget(JobControls, QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        self.viewer = napari_viewer
-        self.worker = None
+        self._init_job_state(napari_viewer, _Relay())
         self.jobs: list[StainJob] = []
-        self._cancel = threading.Event()
-        self._progress = None
         self._source_name: str | None = None
-        self._relay = _Relay()
         self._relay.block.connect(lambda *a: self._events.post(self._on_block, *a))
         self._relay.finished_job.connect(lambda *a: self._events.post(self._on_job_done, *a))
-        self._events = SerialEvents(lambda exc: show_error(f"MUPAD stain: {short_error(exc)}"))
         # Engine settings the form does not show (tests and power users may change them).
         self.engine_options: dict = {"batch_size": 8}
         self._engine: dict = {}  # the settings of the run in progress

@@ -20,7 +20,7 @@ from pathlib import Path
 import napari
 import napari.viewer
 import numpy as np
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._worker import JobControls, SerialEvents, main_thread_torch_threads, match_torch_threads, resolve_device, short_error
+from ._worker import JobControls, main_thread_torch_threads, match_torch_threads, resolve_device
 
 DEVICES = ("auto", "cpu", "cuda")
 PREVIEW_ROWS = 4  # references shown per preview, across classes
@@ -136,13 +136,8 @@ class SyntheticDataWidget(JobControls, QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        self.viewer = napari_viewer
-        self.worker = None
+        self._init_job_state(napari_viewer, _Relay())
         self.jobs: list[SyntheticJob] = []
-        self._cancel = threading.Event()
-        self._progress = None
-        self._relay = _Relay()
-        self._events = SerialEvents(lambda exc: show_error(f"MUPAD synthetic data: {short_error(exc)}"))
         self._relay.image.connect(lambda *a: self._events.post(self._on_image, *a))
 
         self.input_edit = QLineEdit()
