@@ -59,3 +59,16 @@ def settle_canvas(viewer, qtbot) -> None:
         return len(sizes) >= 3 and sizes[-1] == sizes[-2] == sizes[-3]
 
     qtbot.waitUntil(stable, timeout=5000)
+
+
+def record_notifications():
+    """(messages, stop): napari notification texts as they are shown, until stop() is called."""
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+
+    def record(event):
+        seen.append(str(getattr(getattr(event, "notification", event), "message", event)))
+
+    notification_manager.notification_ready.connect(record)
+    return seen, lambda: notification_manager.notification_ready.disconnect(record)

@@ -157,16 +157,7 @@ def _run(widget, qtbot, timeout=120_000):
     qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
 
 
-def _notifications():
-    from napari.utils.notifications import notification_manager
-
-    seen = []
-
-    def record(event):
-        seen.append(str(getattr(getattr(event, "notification", event), "message", event)))
-
-    notification_manager.notification_ready.connect(record)
-    return seen, lambda: notification_manager.notification_ready.disconnect(record)
+from helpers import record_notifications as _notifications  # noqa: E402
 
 
 def test_text_prompt_fills_each_drawn_rectangle_exactly(slide_viewer, checkpoint, qtbot, tmp_path):

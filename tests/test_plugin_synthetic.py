@@ -33,16 +33,7 @@ def few_shot(tmp_path):
     return folder
 
 
-def _notifications():
-    from napari.utils.notifications import notification_manager
-
-    seen = []
-
-    def record(event):
-        seen.append(str(getattr(getattr(event, "notification", event), "message", event)))
-
-    notification_manager.notification_ready.connect(record)
-    return seen, lambda: notification_manager.notification_ready.disconnect(record)
+from helpers import record_notifications as _notifications  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parents[1]
