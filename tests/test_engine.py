@@ -195,6 +195,37 @@ def test_resampling_past_the_slide_edge_reads_background_without_reading_it(cmu,
     assert got[:, :20, :20].min() > 0.999  # well off the slide: white
 
 
+def test_a_block_read_in_parallel_strips_equals_the_one_piece_read(cmu):
+    """GPU hosts read each block's source in strips on several threads; every output pixel
+    depends only on its own taps, so the strips join into exactly the one-piece read, at the
+    scan's pixel size and resampled, inside the slide and past its edge."""
+    from mupad_core.generate.engine import read_source, read_source_parallel
+    from mupad_core.generate.resample import pixel_map
+
+    src = cmu.level_mpp(0)[0]
+    for factor, box in ((1.0, (-256, -256, 1536, 1300)), (1.37, (100, 50, 1100, 700))):
+        pmap = pixel_map(cmu, (0, 0, *cmu.dimensions), src * factor)
+        whole = read_source(cmu, pmap, *box)
+        strips = read_source_parallel(cmu, pmap, *box, workers=4)
+        assert strips.shape == whole.shape == (3, box[2], box[3])
+        assert torch.equal(strips, whole)
+
+
+def test_read_workers_and_a_one_sample_run_change_no_pixel(cmu, tmp_path):
+    """Reading with more threads is an I/O setting: same pixels, and it is left out of the
+    settings a resume must match."""
+    torch.manual_seed(0)
+    model = MupadSiT(in_channels=48, concat_channels=48, hidden_size=64, depth=1, num_heads=2, patch_size=1)
+    handle = SiTImageToImageHandle(model, PixelUnshuffleCodec(4), "tiny", "h")
+    cfg = StainConfig(task="he2ihc", roi=(700, 900, 700, 600), steps=2, window_px=128, overlap_px=32, margin_px=128,
+                      block_px=512, chunk_px=256)
+    one = run_stain(cmu, handle, tmp_path / "one.ome.zarr", cfg)
+    many = run_stain(cmu, handle, tmp_path / "many.ome.zarr", StainConfig(**{**vars(cfg), "read_workers": 3}))
+    assert np.array_equal(level0(one), level0(many))
+    engine = zarr.open_group(str(many), mode="r").attrs["mupad"]["engine"]
+    assert "read_workers" not in engine
+
+
 def test_resampling_matches_pil_antialiased_bilinear(cmu, tmp_path):
     """The slide-wide map is the usual centre-aligned antialiased bilinear resize (PIL's),
     so stained pixels sit where a viewer scaling the source would put them."""

@@ -341,6 +341,9 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap-px", type=int, help="window overlap (default: a quarter of the window)")
     parser.add_argument("--block-px", type=int, default=1024,
                         help="output pixels per block: the unit of streaming and resume (default 1024)")
+    parser.add_argument("--read-workers", type=int, default=None,
+                        help="threads reading each block of the slide (default: 1 on CPU, where the cores run "
+                             "the model; up to 8 on a GPU host); pixels do not depend on it")
     parser.add_argument("--samples", type=int, default=1, metavar="K",
                         help="average K samples (K noise seeds) and write their per-pixel spread to "
                              "NAME.spread.ome.zarr beside the result: where the model is unsure (default 1)")
@@ -367,13 +370,21 @@ def _stain_config(args, target_mpp: float | None = None, **extra):
 
     defaults = model_defaults(args.model)
     window = args.window_px or defaults.get("window_px") or 256
+    read_workers = args.read_workers or (_spare_cores() if _resolve_device(args.device) == "cuda" else 1)
     overlap = args.overlap_px if args.overlap_px is not None else window // 4
     return StainConfig(
         task=args.task, steps=args.steps, method=args.sampler, guidance=args.guidance,
         guidance_schedule=args.guidance_schedule, seed=args.seed, batch_size=args.batch_size, version=args.format, resume=args.resume, overwrite=args.overwrite,
         window_px=window, overlap_px=overlap, block_px=args.block_px, margin_px=window,
-        samples=args.samples, strength=args.strength, target_mpp=target_mpp or defaults.get("mpp"), **extra,
+        samples=args.samples, strength=args.strength, target_mpp=target_mpp or defaults.get("mpp"),
+        read_workers=read_workers, **extra,
     )
+
+
+def _spare_cores() -> int:
+    """Reader threads for a GPU run: half the cores this process may use, 1 to 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(1, min(8, cores // 2))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ numbers, and the canvas is never materialised.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -22,8 +23,13 @@ class GlobalNoise:
         self.block = block
         self._cache: OrderedDict[tuple[int, int, int], torch.Tensor] = OrderedDict()
         self._cache_blocks = cache_blocks
+        self._lock = threading.Lock()  # the engine draws the next block's noise in a reader thread
 
     def _block(self, step: int, by: int, bx: int) -> torch.Tensor:
+        with self._lock:
+            return self._cached_block(step, by, bx)
+
+    def _cached_block(self, step: int, by: int, bx: int) -> torch.Tensor:
         key = (step, by, bx)
         hit = self._cache.get(key)
         if hit is not None:

@@ -65,6 +65,7 @@ class StainConfig:
     margin_px: int = 256  # >= one window: border positions see the same whole windows from both blocks
     chunk_px: int = 256
     batch_size: int = 8
+    read_workers: int = 1  # threads reading one block's source (> 1 where cores are spare: GPU hosts)
     version: str = "0.4"
     skip_background: bool = True  # blocks without tissue are written as background, not generated
     samples: int = 1  # > 1: the mean of that many samples (uncertainty.sample_seeds) plus a spread store
@@ -140,6 +141,21 @@ def read_source(reader, pmap: PixelMap, oy: int, ox: int, oh: int, ow: int) -> t
     return to_unit_float(pixels) if isinstance(pixels, np.ndarray) else pixels
 
 
+def read_source_parallel(reader, pmap: PixelMap, oy: int, ox: int, oh: int, ow: int, workers: int) -> torch.Tensor:
+    """`read_source` of a large box as `workers` horizontal strips read at once.
+
+    Decoding (OpenSlide, tifffile) and resampling release the GIL, so on a many-core GPU
+    host a block is read several times faster than in one thread; each output pixel depends
+    only on its own taps, so the strips join into exactly the one-piece read."""
+    strip = -(-oh // max(workers, 1))
+    if workers <= 1 or strip < 256:
+        return read_source(reader, pmap, oy, ox, oh, ow)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mupad-read-strip") as pool:
+        parts = list(pool.map(lambda y: read_source(reader, pmap, y, ox, min(strip, oy + oh - y), ow),
+                              range(oy, oy + oh, strip)))
+    return torch.cat(parts, dim=-2)
+
+
 def read_passthrough(reader, pmap: PixelMap, oy: int, ox: int, oh: int, ow: int) -> np.ndarray:
     """Output pixels (C, oh, ow) uint8 of a passthrough (identity) block.
 
@@ -197,12 +213,14 @@ def block_region(start: int, length: int, margin: int, window: int, stride: int)
 
 
 def generate_block(handle: ModelHandle, source: torch.Tensor, origin_latent: tuple[int, int],
-                   noise: GlobalNoise | list[GlobalNoise], config: StainConfig) -> torch.Tensor:
+                   noise: GlobalNoise | list[GlobalNoise], config: StainConfig,
+                   start_noise: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Sample one block region in lockstep over fused windows; returns pixels (C, H, W), or
     (K, C, H, W) for a list of K noise fields (the block's source is encoded once).
 
     `source` covers exactly the region; `origin_latent` is its global latent position,
-    a multiple of the window stride.
+    a multiple of the window stride. `start_noise` (one per field): the fields' step-0 noise
+    over the region, drawn ahead by the caller.
     """
     d = handle.downscale
     prepared = handle.prepare(source)
@@ -214,28 +232,37 @@ def generate_block(handle: ModelHandle, source: torch.Tensor, origin_latent: tup
     for w in windows:
         weight_sum[w.y : w.y + w.h, w.x : w.x + w.w] += weight
     fields = noise if isinstance(noise, list) else [noise]
-    samples = [handle.decode(_sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent, field, config))
-               .clamp(0, 1) for field in fields]
+    starts = start_noise or [None] * len(fields)
+    samples = [handle.decode(_sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent, field, config,
+                                            start)).clamp(0, 1) for field, start in zip(fields, starts)]
     return torch.stack(samples) if isinstance(noise, list) else samples[0]
 
 
 def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent, noise: GlobalNoise,
-                   config: StainConfig) -> torch.Tensor:
-    """One latent sample of the block: fused window velocities, integrated from t_start to 1."""
+                   config: StainConfig, start: torch.Tensor | None = None) -> torch.Tensor:
+    """One latent sample of the block: fused window velocities, integrated from t_start to 1.
+
+    The state lives on the model's device and nothing in the loop waits for it (no copy
+    back per window batch): on a GPU the host queues the whole block's steps ahead of the
+    kernels. Noise is drawn on the CPU (a function of seed and global position) and moved.
+    """
+    device = getattr(handle, "device", None) or torch.device("cpu")
     hl, wl = weight_sum.shape
     oy, ox = origin_latent
-    x = noise.window(oy, ox, hl, wl, step=0)
+    weight, weight_sum = weight.to(device), weight_sum.to(device)
+    x = (noise.window(oy, ox, hl, wl, step=0) if start is None else start).to(device)
     t_start = 1.0 - config.strength
     if t_start > 0:
         # A variation: the source itself, noised to t_start along the same path the model learnt.
         source = handle.source_latent(prepared) if hasattr(handle, "source_latent") else prepared.source_latent
-        x = interpolate(source.cpu()[None], x[None], torch.tensor([t_start]))[0]
+        x = interpolate(source.to(device)[None], x[None], torch.tensor([t_start], device=device))[0]
     ts = time_grid(config.steps, t_start)
     # A CLS model (REG) generates one global token per window along with it: each window
     # keeps its own, starting from noise fixed by the window's global position, so a
     # window computed from two blocks follows one trajectory (ODE steps, also under SDE).
     cls_dim = getattr(handle, "cls_dim", 0)
-    cls = {(w.y, w.x): window_cls_noise(noise.seed, oy + w.y, ox + w.x, cls_dim) for w in windows} if cls_dim else None
+    cls = ({(w.y, w.x): window_cls_noise(noise.seed, oy + w.y, ox + w.x, cls_dim).to(device) for w in windows}
+           if cls_dim else None)
     weight_at = guidance_schedule(config)
     span = max(1.0 - t_start, 1e-9)
     for i in range(config.steps):
@@ -247,20 +274,20 @@ def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent,
             batch = torch.stack([x[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in group])
             guided = {"guidance": guidance_now} if guidance_now else {}
             if cls is None:
-                v = handle.window_velocity(batch, t0, prepared, group, **guided).cpu()
+                v = handle.window_velocity(batch, t0, prepared, group, **guided)
             else:
                 keys = [(w.y, w.x) for w in group]
                 v, cv = handle.window_velocity(batch, t0, prepared, group, cls=torch.stack([cls[k] for k in keys]),
                                                **guided)
-                v = v.cpu()
-                for k, c in zip(keys, cv.cpu()):
+                for k, c in zip(keys, cv.to(device)):
                     cls[k] = cls[k] + dt * c
-            for w, vk in zip(group, v):
+            for w, vk in zip(group, v.to(device)):
                 velocity[:, w.y : w.y + w.h, w.x : w.x + w.w] += vk * weight
         velocity /= weight_sum
         if config.method == "sde":
             last = i == config.steps - 1
-            x = sde_step(x, velocity, t0, dt, None if last else noise.window(oy, ox, hl, wl, step=i + 1))
+            normal = None if last else noise.window(oy, ox, hl, wl, step=i + 1).to(device)
+            x = sde_step(x, velocity, t0, dt, normal)
         else:
             x = x + dt * velocity
     return x
@@ -338,7 +365,7 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         "method": config.method,
         # Everything that changes pixels (a resume must match it); batch size does not.
         # (a constant guidance schedule, the default, is left out so stores from before schedules resume)
-        "engine": {k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "batch_size")
+        "engine": {k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "batch_size", "read_workers")
                    and not (k == "guidance_schedule" and v == "constant")},
         "batch_size": config.batch_size,
         "source": {"path": str(reader.path), "mpp": list(src_mpp), "roi_level0": list(roi)},
@@ -365,42 +392,117 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         return all(ch in done for ch in chunks) and (spread is None or all(ch in spread_done for ch in chunks))
 
     todo = [block for block, chunks in zip(blocks, chunks_of) if not finished(chunks)]
-    # Identity output is pure I/O: the next block is read while this one is encoded and written.
-    passthrough_reads = ReadAhead(lambda *box: read_passthrough(reader, pmap, *box), todo if handle.passthrough else [])
-    with passthrough_reads:
+
+    def generated(block) -> bool:
+        by, bx = block[0], block[1]
+        return not handle.passthrough and (tissue_blocks is None or (by // b, bx // b) in tissue_blocks)
+
+    def source_box(by: int, bx: int, bh: int, bw: int) -> tuple[int, int, int, int]:
+        """Output px box of the block plus the margin its stride-aligned windows need."""
+        win, stride, margin = config.window_px // d, (config.window_px - config.overlap_px) // d, m // d
+        ly0, ly1 = block_region(by // d, -(-bh // d), margin, win, stride)
+        lx0, lx1 = block_region(bx // d, -(-bw // d), margin, win, stride)
+        return ly0 * d, lx0 * d, (ly1 - ly0) * d, (lx1 - lx0) * d
+
+    def report(done_blocks: int) -> None:
+        if progress is not None:
+            progress(done_blocks, len(blocks))
+
+    # The next block is read (decoded, resampled) in a worker thread while this one is
+    # generated, and a finished block is written in another while the next is generated, so
+    # neither the model's device nor the disk waits on the other. Progress is reported from
+    # the writer, in order, once a block is on disk; a cancel raised there stops the loop at
+    # its next block.
+    def source_and_noise(oy: int, ox: int, oh: int, ow: int):
+        """The block's source pixels and each noise field's starting noise over it."""
+        source = read_source_parallel(reader, pmap, oy, ox, oh, ow, config.read_workers)
+        return source, [field.window(oy // d, ox // d, oh // d, ow // d, step=0) for field in noises]
+
+    if handle.passthrough:
+        reads = ReadAhead(lambda *box: read_passthrough(reader, pmap, *box), todo)
+    else:
+        reads = ReadAhead(source_and_noise, [source_box(*block) for block in todo if generated(block)])
+    with reads, WriteBehind() as writes:
         for n, ((by, bx, bh, bw), chunks) in enumerate(zip(blocks, chunks_of)):
             if finished(chunks):
-                if progress is not None:
-                    progress(n + 1, len(blocks))
+                writes.submit(report, n + 1)
                 continue
             spread_pixels = None
             if handle.passthrough:
-                out = passthrough_reads.next()
-            elif tissue_blocks is not None and (by // b, bx // b) not in tissue_blocks:
+                out = reads.next()
+            elif not generated((by, bx)):
                 background = 255 if output_kind(handle) == "rgb" else 0
                 out = np.full((handle.out_channels, bh, bw), background, dtype=np.uint8)
             else:
-                win, stride, margin = config.window_px // d, (config.window_px - config.overlap_px) // d, m // d
-                ly0, ly1 = block_region(by // d, -(-bh // d), margin, win, stride)
-                lx0, lx1 = block_region(bx // d, -(-bw // d), margin, win, stride)
-                source = read_source(reader, pmap, ly0 * d, lx0 * d, (ly1 - ly0) * d, (lx1 - lx0) * d)
-                full = generate_block(handle, source, (ly0, lx0), noises, config)
-                pixels = full[..., by - ly0 * d : by - ly0 * d + bh, bx - lx0 * d : bx - lx0 * d + bw]
-                mean, disagreement = mean_and_spread(pixels, one_channel=output_kind(handle) == "rgb")
-                out = to_uint8(mean)
-                if spread is not None:
-                    spread_pixels = to_uint8(disagreement)
+                oy, ox, _, _ = source_box(by, bx, bh, bw)
+                source, start_noise = reads.next()
+                full = generate_block(handle, source, (oy // d, ox // d), noises, config, start_noise)
+                pixels = full[..., by - oy : by - oy + bh, bx - ox : bx - ox + bw]
+                out, spread_pixels = mean_and_spread(pixels, one_channel=output_kind(handle) == "rgb")
+                if spread is None:
+                    spread_pixels = None
             if spread is not None and spread_pixels is None:  # background or passthrough: nothing varies
                 spread_pixels = np.zeros((spread.shape[0], bh, bw), dtype=np.uint8)
-            write_block(writer, done, by, bx, out, chunks, c)
-            if spread is not None:
-                write_block(spread, spread_done, by, bx, spread_pixels, chunks, c)
-            release_freed_memory()
-            if progress is not None:
-                progress(n + 1, len(blocks))
+            writes.submit(write_finished_block, writer, done, spread, spread_done, by, bx, out, spread_pixels, chunks, c)
+            writes.submit(report, n + 1)
     if spread is not None:
         spread.finalize()  # before the mean: a finished mean store means a finished spread too
     return writer.finalize()
+
+
+def write_finished_block(writer, done, spread, spread_done, by, bx, out, spread_pixels, chunks, c) -> None:
+    """Converts (float pixels in [0, 1] become uint8) and writes one block, in the writer thread."""
+    write_block(writer, done, by, bx, as_uint8(out), chunks, c)
+    if spread is not None:
+        write_block(spread, spread_done, by, bx, as_uint8(spread_pixels), chunks, c)
+    release_freed_memory()
+
+
+class WriteBehind:
+    """Runs each submitted task (a block's write, a progress report) in a worker thread, one
+    at a time and in order.
+
+    At most two tasks wait behind the one in flight, so memory holds two finished blocks at
+    most. Once a task fails (a write error, or a progress callback raising `Cancelled`) the
+    tasks queued after it are skipped, so the store holds exactly the blocks reported before
+    the stop, however far the generating thread had got; the error is raised at the next
+    `submit` or on leaving the `with`, which waits for the tasks submitted.
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mupad-write-behind")
+        self._pending: deque[Future] = deque()
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def _run(self, task: Callable, args: tuple) -> None:
+        if self._error is not None:
+            return
+        try:
+            task(*args)
+        except BaseException as error:
+            self._error = error
+            raise
+
+    def submit(self, task: Callable, *args) -> None:
+        if self._error is not None:
+            raise self._error
+        while len(self._pending) >= 2:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._run, task, args))
+
+    def __exit__(self, exc_type, *exc_info) -> None:
+        try:
+            while self._pending:
+                future = self._pending.popleft()
+                if exc_type is None:
+                    future.result()
+                else:  # already failing: wait for the task, keep the first error
+                    future.exception()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def release_freed_memory() -> None:
@@ -431,6 +533,10 @@ def _malloc_trim():
 
 
 _MALLOC_TRIM = False  # not looked up yet
+
+
+def as_uint8(pixels: torch.Tensor | np.ndarray) -> np.ndarray:
+    return pixels if isinstance(pixels, np.ndarray) else to_uint8(pixels)
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:

@@ -27,5 +27,8 @@ def mean_and_spread(samples: torch.Tensor, one_channel: bool) -> tuple[torch.Ten
     """
     if samples.dim() != 4 or samples.shape[0] < 1:
         raise ValueError(f"samples must be (K, C, H, W) with K >= 1, got {tuple(samples.shape)}")
+    if samples.shape[0] == 1:  # one sample agrees with itself: no pass over the pixels
+        _, c, h, w = samples.shape
+        return samples[0], samples.new_zeros((1 if one_channel else c, h, w))
     spread = samples.std(0, unbiased=False) * 2
     return samples.mean(0), spread.mean(0, keepdim=True) if one_channel else spread

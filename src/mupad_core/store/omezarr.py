@@ -47,6 +47,12 @@ FORMATS: dict[str, Format] = {"0.4": FormatV04(), "0.5": FormatV05()}
 DOWNSAMPLE_REGION_PX = 1024
 
 
+def pyramid_workers() -> int:
+    """Threads building a pyramid level: the cores this process may use, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(2, min(8, cores))
+
+
 def pyramid_shapes(shape_yx: tuple[int, int], min_level_px: int) -> list[tuple[int, int]]:
     """Level shapes, halving (rounding up) until the longer side is <= min_level_px; >= 2 levels."""
     shapes = [tuple(shape_yx)]
@@ -337,18 +343,15 @@ class PyramidWriter:
             for left in range(0, width, step)
         ]
 
-        def read(region: tuple[int, int, int, int]) -> np.ndarray:
+        def build(region: tuple[int, int, int, int]) -> None:
             top, left, bottom, right = region
-            return source[:, 2 * top : 2 * bottom, 2 * left : 2 * right]
+            target[:, top:bottom, left:right] = downsample_2x(source[:, 2 * top : 2 * bottom, 2 * left : 2 * right])
 
-        # The next region is read (decoded) in a worker thread while this one is averaged and written.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mupad-pyramid") as pool:
-            ahead = pool.submit(read, regions[0])
-            for index, (top, left, bottom, right) in enumerate(regions):
-                block = ahead.result()
-                if index + 1 < len(regions):
-                    ahead = pool.submit(read, regions[index + 1])
-                target[:, top:bottom, left:right] = downsample_2x(block)
+        # Regions cover whole target chunks, so they are built in parallel without two
+        # threads writing one chunk; decoding, averaging and encoding release the GIL.
+        with ThreadPoolExecutor(max_workers=pyramid_workers(), thread_name_prefix="mupad-pyramid") as pool:
+            for _ in pool.map(build, regions):
+                pass
 
     def _write_metadata(self, group: zarr.Group, smallest_level: zarr.Array) -> None:
         unit = {} if self.mpp is None else {"unit": "micrometer"}

@@ -112,17 +112,28 @@ def composite_alpha(rgba: np.ndarray, background: float, *, premultiplied: bool)
     """Drop alpha by compositing onto the background, so transparent reads as 'no slide here'.
 
     Straight alpha is what openslide-python, PNG and most TIFFs give; TIFF 'associated'
-    alpha is premultiplied. Fully opaque regions (nearly every tile of a scan) skip the
-    float arithmetic: compositing them would return their colour unchanged."""
+    alpha is premultiplied. Only partly transparent pixels need the float arithmetic: opaque
+    ones keep their colour and, with straight alpha, clear ones (OpenSlide's padding past the
+    scan's edge) are the background, so a read that reaches past the edge costs a mask and a
+    fill, not a float pass over the whole region."""
     opaque = np.iinfo(rgba.dtype).max if rgba.dtype.kind in "ui" else 1.0
-    if (rgba[..., 3] == opaque).all():
+    alpha = rgba[..., 3]
+    if (alpha == opaque).all():
         return np.ascontiguousarray(rgba[..., :3])
-    rgb = rgba[..., :3].astype(np.float32)
-    alpha = rgba[..., 3:4].astype(np.float32) / float(np.iinfo(rgba.dtype).max if rgba.dtype.kind in "ui" else 1.0)
-    composited = rgb + background * (1 - alpha) if premultiplied else rgb * alpha + background * (1 - alpha)
-    if rgba.dtype.kind in "ui":
-        composited = np.rint(composited)
-    return composited.astype(rgba.dtype)
+    out = np.ascontiguousarray(rgba[..., :3])
+    mixed = alpha != opaque
+    if not premultiplied:
+        clear = alpha == 0
+        out[clear] = np.asarray(background).astype(rgba.dtype)
+        mixed &= ~clear
+    if mixed.any():
+        rgb = out[mixed].astype(np.float32)
+        a = alpha[mixed, None].astype(np.float32) / float(opaque)
+        composited = rgb + background * (1 - a) if premultiplied else rgb * a + background * (1 - a)
+        if rgba.dtype.kind in "ui":
+            composited = np.rint(composited)
+        out[mixed] = composited.astype(rgba.dtype)
+    return out
 
 
 def aligned_chunk(native: int, extent: int, target: int = TARGET_CHUNK_PX) -> int:
