@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 runs the models under bf16 autocast (weights stay fp32)")
     p.add_argument("--no-dca", action="store_true", help="skip the ours + condition streams lines")
+    p.add_argument("--compile", action="store_true",
+                   help="time every model through torch.compile (FLOPs still counted eagerly; compiling is warm-up)")
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler op table per model")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -75,6 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads is None:
         args.threads = available_cpus()
     return args
+
+
+def compiled_call(model: torch.nn.Module, call):
+    """`call` with `model`'s forward swapped for its torch.compile'd version."""
+    model.forward = torch.compile(model.forward)
+    return call
 
 
 # -- machine ---------------------------------------------------------------------------
@@ -106,6 +114,8 @@ def machine_lines(args) -> list[str]:
     ]
     if args.device == "cuda":
         lines.append(f"gpu: {torch.cuda.get_device_name()} (cuda {torch.version.cuda})")
+    if args.compile:
+        lines.append("compiled: torch.compile (default mode) for every model")
     if hasattr(os, "getloadavg"):
         lines.append("load average (1/5/15 min) at start: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     lines += contention_note(args.threads, cpus)
@@ -265,6 +275,8 @@ def main(argv=None) -> None:
                 flops[name], out = count_flops(models[name][1])
             assert out.shape == x.shape, (name, out.shape)
             assert torch.isfinite(out.float()).all(), name
+        if args.compile:
+            models = {name: (model, compiled_call(model, call), *rest) for name, (model, call, *rest) in models.items()}
         for _ in range(args.warmup):
             for name in names:
                 with autocast():

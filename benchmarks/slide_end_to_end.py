@@ -52,7 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--target-mpp", type=float, default=None, help="default: the model's own pixel size")
     p.add_argument("--batch-size", type=int, default=8, help="windows per network pass")
+    p.add_argument("--block-px", type=int, default=1024,
+                   help="output block side; larger blocks recompute less margin (default 1024, as mupad stain)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--read-workers", type=int, default=None,
+                   help="threads reading each block (default: 1 on CPU, up to 8 on a GPU host)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mupad_slide_throughput")
     p.add_argument("--run", type=Path, help=argparse.SUPPRESS)  # internal: one slide in this process
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -75,10 +79,52 @@ def random_sit(size: str, folder: Path) -> Path:
                                                "window_px": 256})
 
 
+class GpuBusy:
+    """Samples the GPU's utilisation (NVML: the share of the last sample period in which a
+    kernel ran, what nvidia-smi shows) every 50 ms in a thread; `mean(t0, t1)` over a span."""
+
+    def __init__(self):
+        import threading
+
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = None
+        try:
+            import pynvml  # nvidia-ml-py
+
+            pynvml.nvmlInit()
+            self._nvml, self._device = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception as error:  # no NVML (CPU run, or the package is missing): report none
+            self._nvml, self.error = None, str(error)
+
+    def __enter__(self):
+        import threading
+
+        if self._nvml is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            rate = self._nvml.nvmlDeviceGetUtilizationRates(self._device).gpu
+            self.samples.append((time.perf_counter(), rate))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def mean(self, t0: float, t1: float, exclude=()) -> float | None:
+        inside = [rate for t, rate in self.samples if t0 <= t <= t1 and not any(a <= t <= b for a, b in exclude)]
+        return sum(inside) / len(inside) / 100 if inside else None
+
+
 def run_one(args) -> dict:
     """Inside the child: load, stain, report."""
     import torch
 
+    from mupad_core.generate import engine
     from mupad_core.generate.engine import StainConfig, run_stain
     from mupad_core.generate.models import load_handle
     from mupad_core.models.checkpoint import CHECKPOINT_FILES, read_pipeline
@@ -100,10 +146,29 @@ def run_one(args) -> dict:
         return inner(*a, **k)
 
     handle.window_velocity = counted
+    phases: dict[str, float] = {}
+    spans: list[tuple[float, float]] = []
+
+    def timed(name, function):
+        def wrapper(*a, **k):
+            begin = time.perf_counter()
+            try:
+                return function(*a, **k)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - begin
+                spans.append((begin, time.perf_counter()))
+        return wrapper
+
+    engine.blocks_with_tissue = timed("tissue_s", engine.blocks_with_tissue)
+    engine.PyramidWriter.finalize = timed("finalize_s", engine.PyramidWriter.finalize)
     window = int(pipeline.get("window_px", 256))
     config = StainConfig(task=task, steps=args.steps, target_mpp=args.target_mpp or handle.mpp, overwrite=True,
-                         batch_size=args.batch_size, window_px=window, overlap_px=window // 4, margin_px=window)
-    with open_slide(args.run) as reader:
+                         batch_size=args.batch_size, window_px=window, overlap_px=window // 4, margin_px=window,
+                         block_px=args.block_px, read_workers=args.read_workers)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    loaded = time.perf_counter()
+    with GpuBusy() as busy, open_slide(args.run) as reader:
         out = run_stain(reader, handle, args.out, config)
     done = time.perf_counter()
     import zarr
@@ -111,11 +176,24 @@ def run_one(args) -> dict:
     shape = zarr.open_group(str(out), mode="r")["0"].shape
     gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     return {"load_s": loaded - start, "stain_s": done - loaded, "total_s": done - start, "output_shape": list(shape),
-            "network_calls": passes, "peak_rss": peak_rss(), "peak_gpu": gpu, "device": device, "task": task}
+            "network_calls": passes, "peak_rss": peak_rss(), "peak_gpu": gpu, "device": device, "task": task,
+            "gpu_busy": busy.mean(loaded, done), "gpu_busy_generating": busy.mean(loaded, done, exclude=spans),
+            **phases}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.read_workers is None:
+        import os
+
+        cuda = args.device.startswith("cuda") or (args.device == "auto" and _cuda())
+        args.read_workers = min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1
     if args.run:
         print(json.dumps(run_one(args)))
         return 0
@@ -125,18 +203,21 @@ def main(argv=None) -> int:
     model = str(random_sit(args.random_sit, args.workdir / f"random-sit-{args.random_sit.replace('/', '')}")) \
         if args.random_sit else args.model
     print(f"model: {args.random_sit and f'random-weight SiT-{args.random_sit} ({model})' or model}, "
-          f"{args.steps} steps, batch {args.batch_size}")
-    print("| slide (px) | area (mm²) | output (px) | load (s) | stain (s) | total (s) | mm²/s | network calls | peak RSS (MiB) | peak GPU (MiB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"{args.steps} steps, batch {args.batch_size}, block {args.block_px} px, {args.read_workers} read threads")
+    print("| slide (px) | area (mm²) | output (px) | load (s) | tissue mask (s) | stain (s) | pyramid (s) | total (s) "
+          "| mm²/s | network calls | GPU busy (outside mask+pyramid) | peak RSS (MiB) | peak GPU (MiB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for size in args.sizes:
         slide = args.workdir / f"synthetic-{size}-256.tiff"
         if not slide.is_file():
+            begin = time.perf_counter()
             make_slide(slide, size, 256)
+            print(f"(synthetic {size}-px slide written in {time.perf_counter() - begin:.0f} s, not timed below)", flush=True)
         out = args.workdir / f"end-to-end-{size}.ome.zarr"
         command = [sys.executable, str(Path(__file__).resolve()), "--run", str(slide), "--out", str(out),
                    "--model", model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--device", args.device]
+                   "--device", args.device, "--block-px", str(args.block_px), "--read-workers", str(args.read_workers)]
         command += ["--task", args.task] if args.task else []
         command += ["--target-mpp", str(args.target_mpp)] if args.target_mpp else []
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
@@ -147,8 +228,10 @@ def main(argv=None) -> int:
         _, h, w = row["output_shape"]
         area = (size * SLIDE_MPP / 1000) ** 2  # mm² of the slide (tissue and glass)
         gpu = f"{row['peak_gpu'] / 2**20:.0f}" if row["peak_gpu"] else "–"
-        print(f"| {size} | {area:.1f} | {w} × {h} | {row['load_s']:.1f} | {row['stain_s']:.1f} | {row['total_s']:.1f} | "
-              f"{area / row['total_s']:.2f} | {row['network_calls']} | {row['peak_rss'] / 2**20:.0f} | {gpu} |",
+        busy = "–" if row["gpu_busy"] is None else f"{row['gpu_busy']:.0%} ({row['gpu_busy_generating'] or 0:.0%})"
+        print(f"| {size} | {area:.1f} | {w} × {h} | {row['load_s']:.1f} | {row.get('tissue_s', 0):.1f} | "
+              f"{row['stain_s']:.1f} | {row.get('finalize_s', 0):.1f} | {row['total_s']:.1f} | "
+              f"{area / row['total_s']:.2f} | {row['network_calls']} | {busy} | {row['peak_rss'] / 2**20:.0f} | {gpu} |",
               flush=True)
     print(f"seconds_per_slide_{args.sizes[-1]}: {rows[-1]['total_s']:.1f}")
     print(f"peak_rss_growth: {rows[-1]['peak_rss'] / rows[0]['peak_rss']:.2f}")

@@ -101,7 +101,6 @@ def cpu_model() -> str:
 
 
 def machine_lines() -> list[str]:
-    import imagecodecs
     import numcodecs
     import openslide
     import tifffile
@@ -121,11 +120,19 @@ def machine_lines() -> list[str]:
         f"machine: {cpu_model()}, {cores} cores available, {ram}; {platform.system()} {platform.release()}",
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"versions: python {platform.python_version()}, numpy {np.__version__}, zarr {zarr.__version__}, "
-        f"numcodecs {numcodecs.__version__}, tifffile {tifffile.__version__}, imagecodecs {imagecodecs.__version__}, "
+        f"numcodecs {numcodecs.__version__}, tifffile {tifffile.__version__}, imagecodecs {_imagecodecs_version()}, "
         f"openslide-python {openslide.__version__} (libopenslide {openslide.__library_version__}), "
         f"torch {torch.__version__}, mupad_core {mupad_core.__version__}",
         f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}",
     ]
+
+
+def _imagecodecs_version() -> str:
+    try:
+        import imagecodecs
+    except ImportError:
+        return "absent (synthetic slides written with deflate)"
+    return imagecodecs.__version__
 
 
 # -- synthetic slide ---------------------------------------------------------------------
@@ -203,7 +210,13 @@ def make_slide(path: Path, size: int, tile: int) -> dict:
         banks.append(np.stack([halve(t) for t in banks[-1]]))
     layout = tile_layout(math.ceil(size / tile), len(bank))
     temporary = path.with_name(path.name + ".tmp")
-    options = dict(tile=(tile, tile), photometric="ycbcr", compression="jpeg", compressionargs={"level": JPEG_QUALITY},
+    # JPEG as scanners write it; tifffile encodes JPEG through imagecodecs, so where that is
+    # missing (a GPU host with no package index) the slide is deflate-compressed instead:
+    # OpenSlide reads both, and the stain run's timing excludes writing the slide.
+    codec = dict(photometric="ycbcr", compression="jpeg", compressionargs={"level": JPEG_QUALITY})
+    if not _imagecodecs_version()[0].isdigit():
+        codec = dict(photometric="rgb", compression="zlib", compressionargs={"level": 1})
+    options = dict(tile=(tile, tile), **codec,
                    resolution=(1e4 / MPP, 1e4 / MPP), resolutionunit="CENTIMETER", metadata=None, dtype=np.uint8)
     shapes = []
     with tifffile.TiffWriter(temporary, bigtiff=True) as tif:
