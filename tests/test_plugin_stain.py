@@ -681,3 +681,57 @@ def test_variations_model_with_guidance_stains_a_drawn_roi(slide_viewer, tmp_pat
     assert recorded["guidance"] == 1.5 and recorded["engine"]["guidance_schedule"] == "annealed"
     data = np.asarray(job.layers[0].data[0])
     assert data.std() > 5  # tissue-like output, not a flat fill
+
+
+def test_embedding_flow_folder_stains_a_drawn_roi_as_the_library_does(slide_viewer, tmp_path, qtbot):
+    """he2ihc by the paper's embedding route through the widget: a flow folder (written as
+    `mupad train` writes one, its generator the bundled demo-he2he) picked in the Model box
+    runs the pair, and the overlay equals the library's run of the same folder, pixel for pixel."""
+    import torch
+
+    from mupad_core.generate.engine import StainConfig, run_stain
+    from mupad_core.generate.models import load_handle
+    from mupad_core.models.checkpoint import save_model
+    from mupad_core.models.embedding_flow import EmbeddingFlow
+    from mupad_core.slide import open_slide
+
+    torch.manual_seed(0)
+    flow = EmbeddingFlow(embed_dim=64, hidden_size=32, depth=3)  # demo-he2he's encoder gives 64-d tokens
+    for p in flow.parameters():  # every layer live (the output layer starts at zero: the identity)
+        torch.nn.init.normal_(p, std=0.2)
+    folder = save_model(flow, tmp_path / "flow", pipeline={
+        "vae": "pixel-unshuffle:4", "tasks": ["he2ihc"], "template": "source", "kind": "embedding-flow",
+        "generator": "demo-he2he", "flow_steps": 4, "conditions": [], "window_px": 64, "mpp": 0.5})
+
+    viewer = slide_viewer
+    source = viewer.layers[0]
+    roi = (1200, 1760, 128, 64)
+    _draw_roi(viewer, source, roi)
+    widget = _widget(viewer, tmp_path, qtbot)
+    widget.region_combo.setCurrentText("Drawn rectangles")
+    widget.model_combo.setCurrentText(str(folder))
+    assert widget.task_combo.currentText() == "he2ihc"
+    widget.steps_spin.setValue(2)
+    _run(widget, qtbot, timeout=300_000)
+    job = widget.jobs[0]
+    assert job.status == "done", widget.status_label.text()
+    recorded = job.layers[0].metadata["mupad"]
+    assert recorded["model_id"] == str(folder) and recorded["task"] == "he2ihc"
+    shown = np.asarray(job.layers[0].data[0])
+
+    engine = recorded["engine"]
+    config = StainConfig(**{k: v for k, v in engine.items() if k in StainConfig.__dataclass_fields__})
+    with open_slide(_slide_path()) as reader:
+        out = run_stain(reader, load_handle(str(folder), "he2ihc"), tmp_path / "library.ome.zarr", config)
+        plain = run_stain(reader, load_handle("demo-he2he", "he2he"), tmp_path / "plain.ome.zarr",
+                          StainConfig(**{**vars(config), "task": "he2he"}))
+    library = zarr.open_group(str(out), mode="r")["0"][:]
+    assert shown.shape == library.shape[1:] + (3,)  # the layer is RGB, channels last
+    assert np.array_equal(shown, library.transpose(1, 2, 0))
+    assert np.abs(zarr.open_group(str(plain), mode="r")["0"][:].astype(int) - library).mean() > 1  # the flow acted
+
+
+def _slide_path():
+    from mupad_core.demo import sample_slide_path
+
+    return sample_slide_path()
