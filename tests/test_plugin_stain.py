@@ -723,12 +723,12 @@ def test_embedding_flow_folder_stains_a_drawn_roi_as_the_library_does(slide_view
     config = StainConfig(**{k: v for k, v in engine.items() if k in StainConfig.__dataclass_fields__})
     with open_slide(_slide_path()) as reader:
         out = run_stain(reader, load_handle(str(folder), "he2ihc"), tmp_path / "library.ome.zarr", config)
-        plain = run_stain(reader, load_handle("demo-he2he", "he2he"), tmp_path / "plain.ome.zarr",
-                          StainConfig(**{**vars(config), "task": "he2he"}))
     library = zarr.open_group(str(out), mode="r")["0"][:]
     assert shown.shape == library.shape[1:] + (3,)  # the layer is RGB, channels last
     assert np.array_equal(shown, library.transpose(1, 2, 0))
-    assert np.abs(zarr.open_group(str(plain), mode="r")["0"][:].astype(int) - library).mean() > 1  # the flow acted
+    # The flow's weights are in the pair (its own hash mixed into the generator's), and the
+    # generator alone is another model: the widget ran the flow, not just its generator.
+    assert recorded["weights_hash"] != load_handle("demo-he2he", "he2he").weights_hash
 
 
 def _slide_path():
