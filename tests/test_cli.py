@@ -30,7 +30,7 @@ def test_demo_stains_the_bundled_slide_with_every_bundled_model(tmp_path, capsys
     entries = bundled_models()
     assert {"he2mif", "he2ihc"} <= {task for e in entries for task in e.tasks}, "demo models are bundled"
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--no-gui", "--steps", "2"]) == 0
+    assert main(["demo", "--out", str(out), "--no-gui", "--steps", "2", "--max-output-px", "384"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [r["model"] for r in summary["results"]] == [e.id for e in entries]
     for result in summary["results"]:

@@ -18,7 +18,7 @@ from . import __version__
 def _cmd_demo(args) -> int:
     from .demo import DemoConfig, display_available, run_demo, show_in_napari
 
-    summary = run_demo(Path(args.out), DemoConfig(steps=args.steps, seed=args.seed))
+    summary = run_demo(Path(args.out), DemoConfig(steps=args.steps, seed=args.seed, max_output_px=args.max_output_px))
     if not args.no_gui:
         if display_available():
             show_in_napari(summary)
@@ -396,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     demo.add_argument("--steps", type=int, default=12, help="sampler steps (default: 12)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--max-output-px", type=int, default=1024,
+                      help="longest side of each result; larger regions are cropped to the most tissue (default 1024)")
     demo.add_argument("--no-gui", action="store_true", help="do not open napari")
     demo.set_defaults(func=_cmd_demo)
 

@@ -69,6 +69,15 @@ def downsample_2x(block: np.ndarray) -> np.ndarray:
     """
     _, height, width = block.shape
     padded = np.pad(block, ((0, 0), (0, height % 2), (0, width % 2)), mode="edge") if height % 2 or width % 2 else block
+    if block.dtype == np.uint8:
+        # Integer sums of four bytes fit uint16 (half float32's memory, so pyramid threads stay
+        # small); rounding half to even as np.rint does on the float mean: sum = 4k + r.
+        total = padded[:, 0::2, :].astype(np.uint16)
+        total += padded[:, 1::2, :]
+        total = total[:, :, 0::2] + total[:, :, 1::2]
+        total += 1 + ((total >> 2) & 1)
+        total >>= 2
+        return total.astype(np.uint8)
     # float32 holds sums of four 8/16-bit values exactly and is ~10x faster than a float64 mean.
     # Pairs of whole rows first (contiguous), then pairs of columns: ~1.5x faster than four strided views.
     rows = padded[:, 0::2, :].astype(np.result_type(block.dtype, np.float32))
