@@ -345,7 +345,11 @@ class PyramidWriter:
         A region of about DOWNSAMPLE_REGION_PX per side (whole chunks) per read/write keeps the
         memory small and lets zarr decode and encode the chunks of one call together."""
         _, height, width = target.shape
-        step = self.chunk * max(1, DOWNSAMPLE_REGION_PX // self.chunk)
+        workers = pyramid_workers()
+        # The regions in flight together cover about one DOWNSAMPLE_REGION_PX square, however
+        # many threads build them: memory does not grow with the core count.
+        side = DOWNSAMPLE_REGION_PX / math.sqrt(workers)
+        step = self.chunk * max(1, int(side // self.chunk))
         regions = [
             (top, left, min(top + step, height), min(left + step, width))
             for top in range(0, height, step)
@@ -358,7 +362,7 @@ class PyramidWriter:
 
         # Regions cover whole target chunks, so they are built in parallel without two
         # threads writing one chunk; decoding, averaging and encoding release the GIL.
-        with ThreadPoolExecutor(max_workers=pyramid_workers(), thread_name_prefix="mupad-pyramid") as pool:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mupad-pyramid") as pool:
             for _ in pool.map(build, regions):
                 pass
 
