@@ -438,9 +438,10 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
                 source, start_noise = reads.next()
                 full = generate_block(handle, source, (oy // d, ox // d), noises, config, start_noise)
                 pixels = full[..., by - oy : by - oy + bh, bx - ox : bx - ox + bw]
-                out, spread_pixels = mean_and_spread(pixels, one_channel=output_kind(handle) == "rgb")
-                if spread is None:
-                    spread_pixels = None
+                if spread is None:  # one sample (or its spread already on disk): no spread map to compute
+                    out = pixels[0] if pixels.shape[0] == 1 else pixels.mean(0)
+                else:
+                    out, spread_pixels = mean_and_spread(pixels, one_channel=output_kind(handle) == "rgb")
             if spread is not None and spread_pixels is None:  # background or passthrough: nothing varies
                 spread_pixels = np.zeros((spread.shape[0], bh, bw), dtype=np.uint8)
             writes.submit(write_finished_block, writer, done, spread, spread_done, by, bx, out, spread_pixels, chunks, c)
