@@ -1,9 +1,12 @@
 """Whole-slide engine on a real slide: identity exactness, seams, resume, bad ROIs."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 import zarr
+from scipy import ndimage
 
 from mupad_core.demo import sample_slide_path
 from mupad_core.generate.engine import Cancelled, StainConfig, blocks_with_tissue, run_stain
@@ -12,6 +15,7 @@ from mupad_core.generate.seams import seam_ratio, window_edges
 from mupad_core.models.sit import MupadSiT
 from mupad_core.models.vae import PixelUnshuffleCodec
 from mupad_core.slide.readers import open_slide
+from mupad_core.slide.tissue import TissueMap
 from mupad_core.store import validate_omezarr
 
 
@@ -122,12 +126,55 @@ def test_background_blocks_are_skipped_not_generated(cmu, tmp_path):
     cfg = StainConfig(roi=(0, 1600, 1024, 1024), steps=2, window_px=128, overlap_px=32, block_px=512, margin_px=128)
 
     everything = {(r, c) for r in range(2) for c in range(2)}
-    blocks = blocks_with_tissue(cmu, cfg.roi, (1.0, 1.0), 1024, 1024, 512, 128)
+    blocks = blocks_with_tissue(TissueMap.of(cmu), cfg.roi, (1.0, 1.0), 1024, 1024, 512, 128)
     assert blocks and blocks != everything, f"fixture assumption: some but not all blocks have tissue ({blocks})"
     out = level0(run_stain(cmu, Counting(), tmp_path / "bg.ome.zarr", cfg))
     for row, col in everything - blocks:
         assert (out[row * 512 : (row + 1) * 512, col * 512 : (col + 1) * 512] == 255).all()
     assert len(calls) > 0
+
+
+def test_windows_without_tissue_are_steered_to_glass_without_a_network_pass(cmu, tmp_path):
+    """Inside blocks that hold tissue, windows with none near them cost no network pass: they
+    land exactly on white glass, leave tissue pixels untouched, and blocks cut differently
+    still give identical pixels."""
+    sampled = []
+
+    class Counting(DisagreeingWindowsHandle):  # velocities pointwise in x: tissue pixels comparable exactly
+        def window_velocity(self, x, t, prepared, windows):
+            sampled.append(len(windows))
+            return super().window_velocity(x, t, prepared, windows)
+
+    # The slide's left edge below y=1536 is glass, its right part tissue.
+    cfg = StainConfig(roi=(0, 1600, 1024, 1024), steps=3, window_px=128, overlap_px=32, block_px=512, margin_px=128)
+    skipping = level0(run_stain(cmu, Counting(), tmp_path / "skip.ome.zarr", cfg))
+    skipping_passes = sum(sampled)
+    sampled.clear()
+    everything = level0(run_stain(cmu, Counting(), tmp_path / "all.ome.zarr",
+                                  StainConfig(**{**vars(cfg), "skip_glass_windows": False})))
+    assert 0 < skipping_passes < 0.8 * sum(sampled), (skipping_passes, sum(sampled))
+
+    tissue = TissueMap.of(cmu)
+    ys, xs = np.mgrid[1600:2624, 0:1024]
+    rows = np.minimum(ys // tissue.downsample, tissue.mask.shape[0] - 1).astype(int)
+    cols = np.minimum(xs // tissue.downsample, tissue.mask.shape[1] - 1).astype(int)
+    # Every window over a tissue pixel is sampled in both runs: the pixel is the same.
+    on_tissue = tissue.mask[rows, cols]
+    assert np.array_equal(skipping[on_tissue], everything[on_tissue])
+    # Output pixels with no tissue within a window and its overlap margin are covered by
+    # glass windows only: white exactly (the stand-in model makes something else there).
+    reach = math.ceil((128 + 32) / tissue.downsample) + 1
+    glass_only = ~ndimage.maximum_filter(tissue.mask, size=2 * reach + 1)[rows, cols]
+    in_tissue_blocks = np.zeros_like(glass_only)
+    for row, col in blocks_with_tissue(tissue, cfg.roi, (1.0, 1.0), 1024, 1024, 512, 128):
+        in_tissue_blocks[row * 512 : (row + 1) * 512, col * 512 : (col + 1) * 512] = True
+    assert (glass_only & in_tissue_blocks).sum() > 10_000, "fixture assumption: glass inside tissue blocks"
+    assert (skipping[glass_only] == 255).all()
+    assert not (everything[glass_only & in_tissue_blocks] == 255).all()
+
+    one_block = level0(run_stain(cmu, Counting(), tmp_path / "one.ome.zarr",
+                                 StainConfig(**{**vars(cfg), "block_px": 1024})))
+    assert np.array_equal(skipping, one_block)
 
 
 def test_resume_with_other_pixel_settings_is_refused(cmu, tmp_path):

@@ -28,6 +28,7 @@ import torch
 
 from .. import __version__
 from ..store import PyramidWriter
+from ..slide.tissue import TissueMap
 from ..store.omezarr import spread_path
 from ..tasks import SAME_DOMAIN_TASKS, supports_strength
 from ..transport.path import interpolate
@@ -68,6 +69,9 @@ class StainConfig:
     read_workers: int = 1  # threads reading one block's source (> 1 where cores are spare: GPU hosts)
     version: str = "0.4"
     skip_background: bool = True  # blocks without tissue are written as background, not generated
+    # and, inside generated blocks, windows without tissue are steered to background without
+    # a network pass (engine.Glass); needs skip_background
+    skip_glass_windows: bool = True
     samples: int = 1  # > 1: the mean of that many samples (uncertainty.sample_seeds) plus a spread store
     strength: float = 1.0  # < 1 (he2he, ff2ffpe): start from the source noised to t = 1 - strength
     resume: bool = False
@@ -212,15 +216,29 @@ def block_region(start: int, length: int, margin: int, window: int, stride: int)
     return lo, max(last, lo) + window
 
 
+@dataclass
+class Glass:
+    """Windows without tissue, and the latent they are steered to instead of being sampled.
+
+    `is_glass(window, origin_latent)` decides from the window's global position (so a window
+    shared by two blocks is glass in both); `latent` is the background's (C,) latent. Such a
+    window's velocity is the exact one that carries the state to that latent along the
+    straight path, (latent - x) / (1 - t): no network pass, and it fuses with its neighbours'
+    through the same weights, so tissue fades into glass without a seam."""
+
+    is_glass: Callable
+    latent: torch.Tensor
+
+
 def generate_block(handle: ModelHandle, source: torch.Tensor, origin_latent: tuple[int, int],
                    noise: GlobalNoise | list[GlobalNoise], config: StainConfig,
-                   start_noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+                   start_noise: list[torch.Tensor] | None = None, glass: Glass | None = None) -> torch.Tensor:
     """Sample one block region in lockstep over fused windows; returns pixels (C, H, W), or
     (K, C, H, W) for a list of K noise fields (the block's source is encoded once).
 
     `source` covers exactly the region; `origin_latent` is its global latent position,
     a multiple of the window stride. `start_noise` (one per field): the fields' step-0 noise
-    over the region, drawn ahead by the caller.
+    over the region, drawn ahead by the caller. `glass`: windows without tissue to skip.
     """
     d = handle.downscale
     prepared = handle.prepare(source)
@@ -231,25 +249,38 @@ def generate_block(handle: ModelHandle, source: torch.Tensor, origin_latent: tup
     weight_sum = torch.zeros(hl, wl)
     for w in windows:
         weight_sum[w.y : w.y + w.h, w.x : w.x + w.w] += weight
+    glass_weight = None
+    if glass is not None:
+        skipped = {w for w in windows if glass.is_glass(w, origin_latent)}
+        if skipped:
+            glass_weight = torch.zeros(hl, wl)
+            for w in skipped:
+                glass_weight[w.y : w.y + w.h, w.x : w.x + w.w] += weight
+            windows = [w for w in windows if w not in skipped]
     fields = noise if isinstance(noise, list) else [noise]
     starts = start_noise or [None] * len(fields)
     samples = [handle.decode(_sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent, field, config,
-                                            start)).clamp(0, 1) for field, start in zip(fields, starts)]
+                                            start, glass_weight, glass)).clamp(0, 1) for field, start in zip(fields, starts)]
     return torch.stack(samples) if isinstance(noise, list) else samples[0]
 
 
 def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent, noise: GlobalNoise,
-                   config: StainConfig, start: torch.Tensor | None = None) -> torch.Tensor:
+                   config: StainConfig, start: torch.Tensor | None = None, glass_weight: torch.Tensor | None = None,
+                   glass: Glass | None = None) -> torch.Tensor:
     """One latent sample of the block: fused window velocities, integrated from t_start to 1.
 
     The state lives on the model's device and nothing in the loop waits for it (no copy
     back per window batch): on a GPU the host queues the whole block's steps ahead of the
     kernels. Noise is drawn on the CPU (a function of seed and global position) and moved.
+    `glass_weight`: the summed fusion weights of the windows skipped as glass.
     """
     device = getattr(handle, "device", None) or torch.device("cpu")
     hl, wl = weight_sum.shape
     oy, ox = origin_latent
     weight, weight_sum = weight.to(device), weight_sum.to(device)
+    if glass_weight is not None:
+        glass_weight = glass_weight.to(device)
+        glass_latent = glass.latent.to(device)[:, None, None]
     x = (noise.window(oy, ox, hl, wl, step=0) if start is None else start).to(device)
     t_start = 1.0 - config.strength
     if t_start > 0:
@@ -283,6 +314,8 @@ def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent,
                     cls[k] = cls[k] + dt * c
             for w, vk in zip(group, v.to(device)):
                 velocity[:, w.y : w.y + w.h, w.x : w.x + w.w] += vk * weight
+        if glass_weight is not None:
+            velocity += glass_weight * (glass_latent - x) / (1.0 - t0)
         velocity /= weight_sum
         if config.method == "sde":
             last = i == config.steps - 1
@@ -318,23 +351,37 @@ def window_cls_noise(seed: int, y: int, x: int, dim: int) -> torch.Tensor:
     return torch.randn(dim, generator=torch.Generator().manual_seed(int(mixed) & 0x7FFFFFFFFFFFFFFF))
 
 
-def blocks_with_tissue(reader, roi, scale: tuple[float, float], out_h: int, out_w: int, block: int, margin: int) -> set[tuple[int, int]]:
-    """(row, col) of the output blocks whose box (plus margin) touches tissue; `scale` is
-    (x, y) level-0 px per output px."""
-    from ..slide.tissue import tissue_mask
-
-    mask, downsample = tissue_mask(reader)
+def blocks_with_tissue(tissue, roi, scale: tuple[float, float], out_h: int, out_w: int, block: int,
+                       margin: int) -> set[tuple[int, int]]:
+    """(row, col) of the output blocks whose box (plus margin) touches tissue; `tissue` is a
+    `TissueMap`, `scale` is (x, y) level-0 px per output px."""
     keep = set()
     for row, by in enumerate(range(0, out_h, block)):
         for col, bx in enumerate(range(0, out_w, block)):
-            x0 = (roi[0] + (bx - margin) * scale[0]) / downsample
-            y0 = (roi[1] + (by - margin) * scale[1]) / downsample
-            x1 = (roi[0] + (bx + block + margin) * scale[0]) / downsample
-            y1 = (roi[1] + (by + block + margin) * scale[1]) / downsample
-            box = mask[max(int(y0), 0) : max(math.ceil(y1), 0), max(int(x0), 0) : max(math.ceil(x1), 0)]
-            if box.any():
+            box = output_box_level0(roi, scale, by - margin, bx - margin, block + 2 * margin, block + 2 * margin)
+            if tissue.fraction(*box) > 0:
                 keep.add((row, col))
     return keep
+
+
+def glass_windows(handle: ModelHandle, tissue, roi, scale: tuple[float, float], config: StainConfig) -> Glass | None:
+    """Which windows hold no tissue: none within the window or `overlap_px` around it (the
+    mask is coarse; the margin keeps faint tissue edges generated). None for a model that
+    cannot say what its background latent is."""
+    if not hasattr(handle, "background_latent"):
+        return None
+    d, pad = handle.downscale, config.overlap_px
+
+    def is_glass(window, origin_latent) -> bool:
+        y, x = (origin_latent[0] + window.y) * d - pad, (origin_latent[1] + window.x) * d - pad
+        return tissue.fraction(*output_box_level0(roi, scale, y, x, window.h * d + 2 * pad, window.w * d + 2 * pad)) == 0
+
+    return Glass(is_glass, handle.background_latent(1.0 if output_kind(handle) == "rgb" else 0.0))
+
+
+def output_box_level0(roi, scale: tuple[float, float], y: float, x: float, h: float, w: float):
+    """Level-0 (x, y, w, h) of an output-pixel box."""
+    return roi[0] + x * scale[0], roi[1] + y * scale[1], w * scale[0], h * scale[1]
 
 
 def output_kind(handle: ModelHandle) -> str:
@@ -381,8 +428,12 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
     spread = spread_writer(writer, handle, config, provenance, origin) if config.samples > 1 else None
     done = writer.done_tiles()
     spread_done = spread.done_tiles() if spread is not None else None
-    if tissue_blocks is None and config.skip_background and not handle.passthrough:
-        tissue_blocks = blocks_with_tissue(reader, roi, scale, out_h, out_w, config.block_px, config.margin_px)
+    glass = None
+    if config.skip_background and not handle.passthrough:
+        tissue = TissueMap.of(reader)
+        if tissue_blocks is None:
+            tissue_blocks = blocks_with_tissue(tissue, roi, scale, out_h, out_w, config.block_px, config.margin_px)
+        glass = glass_windows(handle, tissue, roi, scale, config) if config.skip_glass_windows else None
     noises = [GlobalNoise(seed, handle.latent_channels) for seed in sample_seeds(config.seed, config.samples)]
     b, m, c, d = config.block_px, config.margin_px, config.chunk_px, handle.downscale
     blocks = [(by, bx, min(b, out_h - by), min(b, out_w - bx)) for by in range(0, out_h, b) for bx in range(0, out_w, b)]
@@ -436,7 +487,7 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
             else:
                 oy, ox, _, _ = source_box(by, bx, bh, bw)
                 source, start_noise = reads.next()
-                full = generate_block(handle, source, (oy // d, ox // d), noises, config, start_noise)
+                full = generate_block(handle, source, (oy // d, ox // d), noises, config, start_noise, glass)
                 pixels = full[..., by - oy : by - oy + bh, bx - ox : bx - ox + bw]
                 if spread is None:  # one sample (or its spread already on disk): no spread map to compute
                     out = pixels[0] if pixels.shape[0] == 1 else pixels.mean(0)

@@ -179,6 +179,18 @@ class SiTImageToImageHandle:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return tiled_decode(self.codec, latent.to(self.device)).cpu()
 
+    @torch.no_grad()
+    def background_latent(self, value: float) -> torch.Tensor:
+        """(C,) latent of a plain image of `value` (1: white glass; 0: dark fluorescence
+        background): where the engine steers windows that hold no tissue. Taken at the centre
+        of an encoded patch, since a VAE's latent of a uniform area is uniform away from edges."""
+        cache = self.__dict__.setdefault("_background", {})
+        if value not in cache:
+            side = 8 * self.downscale
+            latent = self.codec.encode(torch.full((1, self.out_channels, side, side), float(value), device=self.device))
+            cache[value] = latent[0, :, 4, 4].float()
+        return cache[value]
+
 
 class DisagreeingWindowsHandle(SiTImageToImageHandle):
     """A stand-in model whose windows disagree on purpose, for measuring seams.

@@ -161,8 +161,27 @@ def tissue_mask(
     if reader.kind == "fluorescence":
         return fluorescence_tissue_mask(pixels), downsample
     full_scale = np.iinfo(reader.dtype).max if np.issubdtype(reader.dtype, np.integer) else 1.0
-    rgb = np.clip(np.rint(pixels[..., :3].astype(np.float64) * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+    rgb = np.clip(np.rint(pixels[..., :3].astype(np.float32) * np.float32(255.0 / full_scale)), 0, 255).astype(np.uint8)
     return brightfield_tissue_mask(rgb), downsample
+
+
+class TissueMap:
+    """A tissue mask with its summed-area table: the tissue fraction of any level-0 box in
+    constant time (the engine asks it for every block and every window)."""
+
+    def __init__(self, mask: np.ndarray, downsample: float):
+        self.mask = np.asarray(mask, dtype=bool)
+        self.downsample = float(downsample)
+        self.summed = np.pad(self.mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+
+    @classmethod
+    def of(cls, reader: SlideReader) -> TissueMap:
+        return cls(*tissue_mask(reader))
+
+    def fraction(self, x: float, y: float, w: float, h: float) -> float:
+        """Tissue fraction of the level-0 box (x, y, w, h); parts beyond the mask count as glass."""
+        d = self.downsample
+        return _box_fraction(self.summed, x / d, y / d, w / d, h / d)
 
 
 def tile_grid(
@@ -188,8 +207,7 @@ def tile_grid(
     rows = max(1, math.ceil((height / scale_y - overlap_px) / stride))
     level = reader.best_level_for_mpp(target_mpp)
     level_downsample = reader.level_downsamples[level]
-    mask_pixels, mask_downsample = tissue_mask(reader) if mask is None else mask
-    summed = np.pad(mask_pixels.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    tissue = TissueMap.of(reader) if mask is None else TissueMap(*mask)
 
     tiles = []
     for row in range(rows):
@@ -197,9 +215,7 @@ def tile_grid(
             target_x, target_y = column * stride, row * stride
             x, y = round(target_x * scale_x), round(target_y * scale_y)
             w, h = round(tile_px * scale_x), round(tile_px * scale_y)
-            fraction = _box_fraction(
-                summed, x / mask_downsample, y / mask_downsample, w / mask_downsample, h / mask_downsample
-            )
+            fraction = tissue.fraction(x, y, w, h)
             if fraction < min_tissue:
                 continue
             tiles.append(

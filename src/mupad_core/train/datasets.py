@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 from ..slide.readers import SlideError, open_slide
 from ..slide.readers.base import SlideReader, to_yxc
-from ..slide.tissue import tissue_mask
+from ..slide.tissue import TissueMap, tissue_mask
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("source", "target", "caption", "rna_id", "split")
@@ -523,7 +523,7 @@ class _SlideSampler:
         self.valid = (fraction >= min_tissue - 1e-6) & self.mask  # centres always on tissue
         self.row_counts = np.cumsum(self.valid.sum(axis=1))
         self.count = int(self.row_counts[-1]) if self.row_counts.size else 0
-        self.summed = np.pad(self.mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        self.tissue = TissueMap(self.mask, self.downsample)
 
     def sample_centre(self, rng: np.random.Generator) -> tuple[float, float]:
         """A uniformly random point (level-0 px) inside a valid mask pixel."""
@@ -536,15 +536,7 @@ class _SlideSampler:
 
     def tissue_fraction(self, x: float, y: float, w: float, h: float) -> float:
         """Tissue fraction of a level-0 box; parts outside the mask count as no tissue."""
-        d = self.downsample
-        x0, y0 = math.floor(x / d), math.floor(y / d)
-        x1, y1 = max(math.ceil((x + w) / d), x0 + 1), max(math.ceil((y + h) / d), y0 + 1)
-        mh, mw = self.mask.shape
-        cx0, cx1 = (min(max(v, 0), mw) for v in (x0, x1))
-        cy0, cy1 = (min(max(v, 0), mh) for v in (y0, y1))
-        s = self.summed
-        inside = s[cy1, cx1] - s[cy0, cx1] - s[cy1, cx0] + s[cy0, cx0]
-        return float(inside) / ((x1 - x0) * (y1 - y0))
+        return self.tissue.fraction(x, y, w, h)
 
 
 class SlidePatchDataset(Dataset):
