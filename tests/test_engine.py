@@ -175,6 +175,50 @@ def test_windows_without_tissue_are_steered_to_glass_without_a_network_pass(cmu,
     one_block = level0(run_stain(cmu, Counting(), tmp_path / "one.ome.zarr",
                                  StainConfig(**{**vars(cfg), "block_px": 1024})))
     assert np.array_equal(skipping, one_block)
+    # The store says so (a store without the key sampled every window: resuming one refuses the skip).
+    engine = lambda name: zarr.open_group(str(tmp_path / name), mode="r").attrs["mupad"]["engine"]  # noqa: E731
+    assert engine("skip.ome.zarr")["skip_glass_windows"] is True and "skip_glass_windows" not in engine("all.ome.zarr")
+    # SDE: the last step keeps half a step of the noise estimate (as for tissue, SiT's
+    # convention); at 20 steps glass ends within a few grey levels of white.
+    sde = level0(run_stain(cmu, Counting(), tmp_path / "sde.ome.zarr",
+                           StainConfig(**{**vars(cfg), "method": "sde", "steps": 20})))
+    assert 255 - sde[glass_only].astype(float).mean() < 5 and sde[glass_only].min() >= 200, sde[glass_only].min()
+
+
+def test_glass_windows_go_to_the_background_of_the_output_kind_or_are_sampled(cmu, tmp_path):
+    """Fluorescence output is steered to 0, not white; a codec that cannot draw plain
+    background (a random VAE) has every window sampled, and the store does not claim the skip."""
+    from diffusers import AutoencoderKL
+
+    from mupad_core.models.vae import DiffusersVAE, MarkerGroupCodec
+
+    torch.manual_seed(0)
+    markers = SiTImageToImageHandle(MupadSiT(in_channels=24, concat_channels=12, hidden_size=32, depth=1, num_heads=2),
+                                    MarkerGroupCodec(PixelUnshuffleCodec(2), 4), "tiny-mif", "0" * 64,
+                                    channel_names=["DAPI", "CD3", "CD8", "PanCK"])
+    assert torch.equal(markers.codec.decode(markers.background_latent(0.0)[None, :, None, None].expand(1, -1, 2, 2)),
+                       torch.zeros(1, 4, 4, 4))
+    cfg = StainConfig(task="he2mif", roi=(0, 1600, 512, 512), steps=2, window_px=128, overlap_px=32, block_px=512,
+                      margin_px=128)
+    out = tmp_path / "mif.ome.zarr"
+    pixels = zarr.open_group(str(run_stain(cmu, markers, out, cfg)), mode="r")["0"][:]
+    tissue = TissueMap.of(cmu)
+    reach = math.ceil((128 + 32) / tissue.downsample) + 3
+    ys, xs = np.mgrid[1600:2112, 0:512]
+    far = ~ndimage.maximum_filter(tissue.mask, size=2 * reach + 1)[
+        np.minimum(ys // tissue.downsample, tissue.mask.shape[0] - 1).astype(int), (xs // tissue.downsample).astype(int)]
+    assert far.sum() > 10_000 and (pixels[:, far] == 0).all()
+    assert zarr.open_group(str(out), mode="r").attrs["mupad"]["engine"]["skip_glass_windows"] is True
+
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4)
+    random_vae = SiTImageToImageHandle(MupadSiT(in_channels=4, concat_channels=4, hidden_size=32, depth=1, num_heads=2),
+                                       DiffusersVAE(vae), "tiny-vae", "0" * 64)
+    assert random_vae.background_latent(1.0) is None
+    out = run_stain(cmu, random_vae, tmp_path / "vae.ome.zarr",
+                    StainConfig(task="he2he", roi=(0, 1600, 256, 256), steps=1, window_px=64, overlap_px=16,
+                                block_px=256, margin_px=64))
+    assert "skip_glass_windows" not in zarr.open_group(str(out), mode="r").attrs["mupad"]["engine"]
 
 
 def test_resume_with_other_pixel_settings_is_refused(cmu, tmp_path):

@@ -350,6 +350,10 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float, default=1.0,
                         help="he2he/ff2ffpe: how far from the source to start, 1 = from noise (default), "
                              "smaller keeps more of the source's architecture")
+    parser.add_argument("--sample-glass", action="store_true",
+                        help="sample windows without tissue inside tissue blocks like the rest, instead of steering "
+                             "them to plain background without a network pass (the default; also resumes a store "
+                             "started before 0.1.0.dev1, which sampled them)")
     parser.add_argument("--format", choices=("0.4", "0.5"), default="0.4", help="OME-Zarr (NGFF) version")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished chunks")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -377,7 +381,7 @@ def _stain_config(args, target_mpp: float | None = None, **extra):
         guidance_schedule=args.guidance_schedule, seed=args.seed, batch_size=args.batch_size, version=args.format, resume=args.resume, overwrite=args.overwrite,
         window_px=window, overlap_px=overlap, block_px=args.block_px, margin_px=window,
         samples=args.samples, strength=args.strength, target_mpp=target_mpp or defaults.get("mpp"),
-        read_workers=read_workers, **extra,
+        read_workers=read_workers, skip_glass_windows=not args.sample_glass, **extra,
     )
 
 

@@ -5,6 +5,6 @@ light: it must not import torch, diffusers or the mupad_core models. Widgets,
 readers and writers import the heavy parts lazily, when they are used.
 """
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0.dev1"
 
 __all__ = ["__version__"]

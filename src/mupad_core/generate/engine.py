@@ -365,18 +365,23 @@ def blocks_with_tissue(tissue, roi, scale: tuple[float, float], out_h: int, out_
 
 
 def glass_windows(handle: ModelHandle, tissue, roi, scale: tuple[float, float], config: StainConfig) -> Glass | None:
-    """Which windows hold no tissue: none within the window or `overlap_px` around it (the
-    mask is coarse; the margin keeps faint tissue edges generated). None for a model that
-    cannot say what its background latent is."""
+    """Which windows hold no tissue: none within the window, `overlap_px` around it and two
+    mask pixels more (the mask is coarse; the margin keeps faint tissue edges generated).
+    None for a model whose codec cannot reproduce plain background."""
     if not hasattr(handle, "background_latent"):
         return None
+    latent = handle.background_latent(1.0 if output_kind(handle) == "rgb" else 0.0)
+    if latent is None:
+        return None
     d, pad = handle.downscale, config.overlap_px
+    mask_pad = 2 * tissue.downsample  # level-0 px: two mask pixels, whatever the output's pixel size
 
     def is_glass(window, origin_latent) -> bool:
         y, x = (origin_latent[0] + window.y) * d - pad, (origin_latent[1] + window.x) * d - pad
-        return tissue.fraction(*output_box_level0(roi, scale, y, x, window.h * d + 2 * pad, window.w * d + 2 * pad)) == 0
+        bx, by, bw, bh = output_box_level0(roi, scale, y, x, window.h * d + 2 * pad, window.w * d + 2 * pad)
+        return tissue.fraction(bx - mask_pad, by - mask_pad, bw + 2 * mask_pad, bh + 2 * mask_pad) == 0
 
-    return Glass(is_glass, handle.background_latent(1.0 if output_kind(handle) == "rgb" else 0.0))
+    return Glass(is_glass, latent)
 
 
 def output_box_level0(roi, scale: tuple[float, float], y: float, x: float, h: float, w: float):
@@ -402,6 +407,12 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
     roi, src_mpp, target_mpp, out_h, out_w = output_geometry(reader, config)
     scale = (target_mpp / src_mpp[0], target_mpp / src_mpp[1])
     pmap = pixel_map(reader, roi, target_mpp)
+    glass = None
+    if config.skip_background and not handle.passthrough:
+        tissue = TissueMap.of(reader)
+        if tissue_blocks is None:
+            tissue_blocks = blocks_with_tissue(tissue, roi, scale, out_h, out_w, config.block_px, config.margin_px)
+        glass = glass_windows(handle, tissue, roi, scale, config) if config.skip_glass_windows else None
     provenance = {
         "model_id": handle.model_id,
         "weights_hash": handle.weights_hash,
@@ -411,9 +422,11 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         "guidance": config.guidance,
         "method": config.method,
         # Everything that changes pixels (a resume must match it); batch size does not.
-        # (a constant guidance schedule, the default, is left out so stores from before schedules resume)
+        # (a constant guidance schedule, the default, is left out so stores from before schedules resume;
+        # glass-window skipping is recorded only where it took effect: a store without it sampled them)
         "engine": {k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "batch_size", "read_workers")
-                   and not (k == "guidance_schedule" and v == "constant")},
+                   and not (k == "guidance_schedule" and v == "constant")
+                   and not (k == "skip_glass_windows" and glass is None)},
         "batch_size": config.batch_size,
         "source": {"path": str(reader.path), "mpp": list(src_mpp), "roi_level0": list(roi)},
         "software": f"napari-mupad {__version__}",
@@ -428,12 +441,6 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
     spread = spread_writer(writer, handle, config, provenance, origin) if config.samples > 1 else None
     done = writer.done_tiles()
     spread_done = spread.done_tiles() if spread is not None else None
-    glass = None
-    if config.skip_background and not handle.passthrough:
-        tissue = TissueMap.of(reader)
-        if tissue_blocks is None:
-            tissue_blocks = blocks_with_tissue(tissue, roi, scale, out_h, out_w, config.block_px, config.margin_px)
-        glass = glass_windows(handle, tissue, roi, scale, config) if config.skip_glass_windows else None
     noises = [GlobalNoise(seed, handle.latent_channels) for seed in sample_seeds(config.seed, config.samples)]
     b, m, c, d = config.block_px, config.margin_px, config.chunk_px, handle.downscale
     blocks = [(by, bx, min(b, out_h - by), min(b, out_w - bx)) for by in range(0, out_h, b) for bx in range(0, out_w, b)]

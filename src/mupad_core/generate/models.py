@@ -180,15 +180,21 @@ class SiTImageToImageHandle:
         return tiled_decode(self.codec, latent.to(self.device)).cpu()
 
     @torch.no_grad()
-    def background_latent(self, value: float) -> torch.Tensor:
+    def background_latent(self, value: float, tolerance: float = 2 / 255) -> torch.Tensor | None:
         """(C,) latent of a plain image of `value` (1: white glass; 0: dark fluorescence
-        background): where the engine steers windows that hold no tissue. Taken at the centre
-        of an encoded patch, since a VAE's latent of a uniform area is uniform away from edges."""
+        background), where the engine steers windows that hold no tissue; None when decoding
+        it does not give back `value` within `tolerance` (a codec that cannot draw plain
+        background then has every window sampled). Taken at the centre of a tile-sized
+        encoded patch: a VAE's latent of a uniform area is uniform away from its edges."""
         cache = self.__dict__.setdefault("_background", {})
         if value not in cache:
-            side = 8 * self.downscale
-            latent = self.codec.encode(torch.full((1, self.out_channels, side, side), float(value), device=self.device))
-            cache[value] = latent[0, :, 4, 4].float()
+            side = 64 * self.downscale if getattr(self.codec, "needs_tiling", True) else 8 * self.downscale
+            plain = torch.full((1, self.out_channels, side, side), float(value), device=self.device)
+            latent = self.codec.encode(plain, generator=torch.Generator(device=self.device).manual_seed(0))
+            centre = latent[0, :, latent.shape[-2] // 2, latent.shape[-1] // 2].float()
+            probe = centre[None, :, None, None].expand(1, -1, 8, 8).to(latent.dtype)
+            error = (self.codec.decode(probe).float() - value).abs().max().item()
+            cache[value] = centre if error <= tolerance else None
         return cache[value]
 
 

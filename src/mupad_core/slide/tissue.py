@@ -161,7 +161,7 @@ def tissue_mask(
     if reader.kind == "fluorescence":
         return fluorescence_tissue_mask(pixels), downsample
     full_scale = np.iinfo(reader.dtype).max if np.issubdtype(reader.dtype, np.integer) else 1.0
-    rgb = np.clip(np.rint(pixels[..., :3].astype(np.float32) * np.float32(255.0 / full_scale)), 0, 255).astype(np.uint8)
+    rgb = np.clip(np.rint(pixels[..., :3].astype(np.float64) * (255.0 / full_scale)), 0, 255).astype(np.uint8)
     return brightfield_tissue_mask(rgb), downsample
 
 
