@@ -106,6 +106,10 @@ def test_stain_with_a_saved_checkpoint_and_resume_flag(shared_data, tmp_path, ca
     assert "exists" in _fail(args, capsys)  # never silently overwritten
     wrong_task = _fail([*args[:-1], "--task", "he2ihc", "--overwrite", "--quiet"], capsys)
     assert "not 'he2ihc'" in wrong_task
+    # --marker names the IHC marker: the he2ihc:MARKER task, which this model was not trained for.
+    assert "not 'he2ihc:ki67'" in _fail([*args[:-1], "--marker", "Ki67", "--overwrite", "--quiet"], capsys)
+    assert "cannot go with --task he2mif" in _fail([*args[:-1], "--marker", "ki67", "--task", "he2mif", "--quiet"],
+                                                   capsys)
     del torch
 
     # --samples and --strength: the mean store, its spread beside it, both paths printed.

@@ -109,6 +109,7 @@ def _cmd_stain(args) -> int:
     from .generate.models import load_handle
     from .slide.readers import open_slide
 
+    _resolve_task(args)
     device = _resolve_device(args.device)
     handle = load_handle(args.model, args.task, device=device)
     config = _stain_config(args, roi=tuple(args.roi) if args.roi else None, target_mpp=args.target_mpp)
@@ -142,6 +143,7 @@ def _cmd_stain(args) -> int:
 def _cmd_stain_batch(args) -> int:
     from .generate.batch import stain_batch
 
+    _resolve_task(args)
     config = _stain_config(args)
     total = len(args.slides)
 
@@ -323,7 +325,9 @@ def _cmd_version(args) -> int:
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by `stain` and `stain-batch`: what runs, how it samples, how it writes."""
-    parser.add_argument("--task", default="he2he", help="task name (default he2he)")
+    parser.add_argument("--task", default=None, help="task name (default he2he; he2ihc:MARKER with --marker)")
+    parser.add_argument("--marker", help="IHC marker (ki67, er, pr, her2, ...): runs task he2ihc:MARKER, which the "
+                                         "model must be trained for")
     parser.add_argument("--model", default="identity",
                         help="checkpoint folder, hub id, or 'identity' (returns the input; for checks)")
     parser.add_argument("--steps", type=int, default=20)
@@ -365,6 +369,22 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _resolve_task(args) -> None:
+    """--marker M is --task he2ihc:M; a task of another family with a marker is a mistake."""
+    from .tasks import task_family
+
+    if args.marker is None:
+        args.task = args.task or "he2he"
+        return
+    marker = args.marker.strip().lower()
+    if not marker or ":" in marker:
+        raise ValueError(f"--marker {args.marker!r}: give one marker name, e.g. ki67")
+    task = args.task or "he2ihc"
+    if task_family(task) != "he2ihc" or (":" in task and task.split(":", 1)[1] != marker):
+        raise ValueError(f"--marker {marker} picks the he2ihc task's marker; it cannot go with --task {task}")
+    args.task = f"he2ihc:{marker}"
 
 
 def _stain_config(args, target_mpp: float | None = None, **extra):
