@@ -146,7 +146,7 @@ def test_windows_without_tissue_are_steered_to_glass_without_a_network_pass(cmu,
             return super().window_velocity(x, t, prepared, windows)
 
     # The slide's left edge below y=1536 is glass, its right part tissue.
-    cfg = StainConfig(roi=(0, 1600, 1024, 1024), steps=3, window_px=128, overlap_px=32, block_px=512, margin_px=128)
+    cfg = StainConfig(roi=(0, 1600, 1024, 1024), steps=2, window_px=128, overlap_px=32, block_px=512, margin_px=128)
     skipping = level0(run_stain(cmu, Counting(), tmp_path / "skip.ome.zarr", cfg))
     skipping_passes = sum(sampled)
     sampled.clear()
@@ -199,7 +199,7 @@ def test_glass_windows_go_to_the_background_of_the_output_kind_or_are_sampled(cm
                                     channel_names=["DAPI", "CD3", "CD8", "PanCK"])
     assert torch.equal(markers.codec.decode(markers.background_latent(0.0)[None, :, None, None].expand(1, -1, 2, 2)),
                        torch.zeros(1, 4, 4, 4))
-    cfg = StainConfig(task="he2mif", roi=(0, 1600, 512, 512), steps=2, window_px=128, overlap_px=32, block_px=512,
+    cfg = StainConfig(task="he2mif", roi=(0, 1600, 512, 512), steps=1, window_px=128, overlap_px=32, block_px=512,
                       margin_px=128)
     out = tmp_path / "mif.ome.zarr"
     pixels = zarr.open_group(str(run_stain(cmu, markers, out, cfg)), mode="r")["0"][:]
@@ -236,6 +236,9 @@ def test_resume_with_other_pixel_settings_is_refused(cmu, tmp_path):
         other = StainConfig(**{**vars(cfg), **change, "resume": True})
         with pytest.raises(ValueError, match="cannot resume"):
             run_stain(cmu, tiny_handle(), target, other)
+    # The message names the setting, also inside the engine settings.
+    with pytest.raises(ValueError, match=r"engine\.skip_glass_windows: stored True, requested None"):
+        run_stain(cmu, tiny_handle(), target, StainConfig(**{**vars(cfg), "skip_glass_windows": False, "resume": True}))
     # Batch size does not change pixels: resuming with another is fine.
     run_stain(cmu, tiny_handle(), target, StainConfig(**{**vars(cfg), "batch_size": 3, "resume": True}))
 

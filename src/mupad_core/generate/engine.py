@@ -364,15 +364,19 @@ def blocks_with_tissue(tissue, roi, scale: tuple[float, float], out_h: int, out_
     return keep
 
 
-def glass_windows(handle: ModelHandle, tissue, roi, scale: tuple[float, float], config: StainConfig) -> Glass | None:
+def background_latent(handle: ModelHandle, config: StainConfig) -> torch.Tensor | None:
+    """The latent windows without tissue are steered to, or None where they are sampled:
+    skipping switched off, a passthrough model, or a codec that cannot draw plain background."""
+    if not (config.skip_background and config.skip_glass_windows) or handle.passthrough \
+            or not hasattr(handle, "background_latent"):
+        return None
+    return handle.background_latent(1.0 if output_kind(handle) == "rgb" else 0.0)
+
+
+def glass_windows(handle: ModelHandle, tissue, roi, scale: tuple[float, float], config: StainConfig,
+                  latent: torch.Tensor) -> Glass:
     """Which windows hold no tissue: none within the window, `overlap_px` around it and two
-    mask pixels more (the mask is coarse; the margin keeps faint tissue edges generated).
-    None for a model whose codec cannot reproduce plain background."""
-    if not hasattr(handle, "background_latent"):
-        return None
-    latent = handle.background_latent(1.0 if output_kind(handle) == "rgb" else 0.0)
-    if latent is None:
-        return None
+    mask pixels more (the mask is coarse; the margin keeps faint tissue edges generated)."""
     d, pad = handle.downscale, config.overlap_px
     mask_pad = 2 * tissue.downsample  # level-0 px: two mask pixels, whatever the output's pixel size
 
@@ -407,12 +411,7 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
     roi, src_mpp, target_mpp, out_h, out_w = output_geometry(reader, config)
     scale = (target_mpp / src_mpp[0], target_mpp / src_mpp[1])
     pmap = pixel_map(reader, roi, target_mpp)
-    glass = None
-    if config.skip_background and not handle.passthrough:
-        tissue = TissueMap.of(reader)
-        if tissue_blocks is None:
-            tissue_blocks = blocks_with_tissue(tissue, roi, scale, out_h, out_w, config.block_px, config.margin_px)
-        glass = glass_windows(handle, tissue, roi, scale, config) if config.skip_glass_windows else None
+    glass_latent = background_latent(handle, config)
     provenance = {
         "model_id": handle.model_id,
         "weights_hash": handle.weights_hash,
@@ -426,7 +425,7 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         # glass-window skipping is recorded only where it took effect: a store without it sampled them)
         "engine": {k: v for k, v in asdict(config).items() if k not in ("resume", "overwrite", "batch_size", "read_workers")
                    and not (k == "guidance_schedule" and v == "constant")
-                   and not (k == "skip_glass_windows" and glass is None)},
+                   and not (k == "skip_glass_windows" and glass_latent is None)},
         "batch_size": config.batch_size,
         "source": {"path": str(reader.path), "mpp": list(src_mpp), "roi_level0": list(roi)},
         "software": f"napari-mupad {__version__}",
@@ -439,6 +438,12 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         provenance=provenance, resume=config.resume, overwrite=config.overwrite, origin=origin,
     )
     spread = spread_writer(writer, handle, config, provenance, origin) if config.samples > 1 else None
+    glass = None
+    if config.skip_background and not handle.passthrough:  # after the writer: a refused resume costs no mask
+        tissue = TissueMap.of(reader)
+        if tissue_blocks is None:
+            tissue_blocks = blocks_with_tissue(tissue, roi, scale, out_h, out_w, config.block_px, config.margin_px)
+        glass = glass_windows(handle, tissue, roi, scale, config, glass_latent) if glass_latent is not None else None
     done = writer.done_tiles()
     spread_done = spread.done_tiles() if spread is not None else None
     noises = [GlobalNoise(seed, handle.latent_channels) for seed in sample_seeds(config.seed, config.samples)]

@@ -223,11 +223,7 @@ class PyramidWriter:
             )
         record = json.loads(record_path.read_text())
         requested = self._params()
-        mismatches = [
-            f"{key}: stored {record['params'].get(key)!r}, requested {value!r}"
-            for key, value in requested.items()
-            if record["params"].get(key) != value
-        ]
+        mismatches = _differences(record["params"], requested)
         if mismatches:
             raise ValueError(
                 f"cannot resume {self.partial_path}: parameters differ ({'; '.join(mismatches)})"
@@ -494,3 +490,18 @@ def _channel_specs(
         {"label": str(name), "color": color, "window": window}
         for name, color, window in zip(names, colors, windows)
     ]
+
+
+def _differences(stored: dict, requested: dict, prefix: str = "") -> list[str]:
+    """`key: stored X, requested Y` for each requested key that differs, naming keys inside
+    nested settings (`mupad.engine.steps`) rather than printing whole dictionaries."""
+    found = []
+    for key, value in requested.items():
+        old = stored.get(key)
+        if old == value:
+            continue
+        if isinstance(old, dict) and isinstance(value, dict):
+            found += _differences(old, {**{k: None for k in old}, **value}, f"{prefix}{key}.")
+        else:
+            found.append(f"{prefix}{key}: stored {old!r}, requested {value!r}")
+    return found
