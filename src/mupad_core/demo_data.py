@@ -15,6 +15,12 @@ training, and `manifest.csv`.
 - `stain_domains/`: the tissue tiles of `he_captions/` as scanned and restained pale
   (Reinhard colour transfer onto torchstain's pale reference), captioned by domain: a
   stand-in domain pair for measuring FF->FFPE translation (no frozen sections here).
+- `he_atlas/`: 256-px crops at 0.5 µm/px (20x) of MoNuSeg's 40 TCGA tiles (ten organs,
+  frozen and FFPE) and GlaS's 145 graded colon images, captioned by preparation, organ or
+  cancer type and grade; whole slides and whole GlaS patients are held out. For text→H&E,
+  and FF→FFPE by inversion between the "frozen" and "FFPE" captions.
+- `deepliif_crops/`: 128-px crops of the training part of `deepliif/` (the same split), for
+  models whose latents are cached once (a pretrained codec costs more per step than training).
 - `birl/`: BIRL's mouse-lung H&E and proSPC IHC consecutive sections (5 % scale), the IHC
   registered onto the H&E by the affine transform fitted to the 78 manual landmark pairs.
   The right 30 % is held out.
@@ -157,6 +163,107 @@ def prepare_stain_domains(shared: Path, out: Path) -> Path:
     return folder
 
 
+# TCGA study codes of the MoNuSeg tiles -> words for captions.
+TCGA_NAMES = {
+    "BLCA": "bladder urothelial carcinoma", "BRCA": "breast invasive carcinoma", "COAD": "colon adenocarcinoma",
+    "KIRC": "kidney clear cell carcinoma", "KIRP": "kidney papillary cell carcinoma", "LGG": "brain lower grade glioma",
+    "LUAD": "lung adenocarcinoma", "LUSC": "lung squamous cell carcinoma", "PRAD": "prostate adenocarcinoma",
+    "STAD": "stomach adenocarcinoma",
+}
+ATLAS_MPP = 0.5
+ATLAS_CROP = 256
+MONUSEG_MPP = 0.25  # 40x
+GLAS_MPP = 0.62  # 20x
+
+
+def monuseg_caption(barcode: str, cancer_types: dict[str, str]) -> tuple[str, str]:
+    """(caption, preparation) of a TCGA tile from its barcode: DX slides are FFPE, TS/BS frozen."""
+    slide_type = barcode.split("-")[5][:2]
+    prep = "FFPE" if slide_type == "DX" else "frozen"
+    code = cancer_types.get(barcode[:12], "")
+    return f"H&E {prep} section of {TCGA_NAMES.get(code, 'tumour tissue')}", prep
+
+
+def glas_caption(grade: str, finer: str) -> str:
+    if grade == "benign":
+        return f"H&E FFPE section of colon mucosa, benign glands, {finer}"
+    return f"H&E FFPE section of colon adenocarcinoma, malignant glands, {finer}"
+
+
+def _crops(image: Image.Image, scale: float, size: int, density: float = 1.5) -> list[np.ndarray]:
+    """`size`-px crops on an even grid over `image` resampled by `scale`, edges included;
+    `density` crops per crop-width along each side (above 1: overlapping)."""
+    w, h = round(image.width * scale), round(image.height * scale)
+    pixels = np.asarray(image.convert("RGB").resize((w, h), Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC))
+    ys = np.linspace(0, h - size, max(1, round(h / size * density))).round().astype(int)
+    xs = np.linspace(0, w - size, max(1, round(w / size * density))).round().astype(int)
+    return [pixels[y : y + size, x : x + size] for y in ys for x in xs]
+
+
+def prepare_he_atlas(shared: Path, out: Path, copies: int = 3) -> Path:
+    """MoNuSeg + GlaS as 256-px crops at 0.5 µm/px with captions. Each MoNuSeg train crop is
+    listed `copies` times (a latent cache freezes that many flips/turns of it), so the ten
+    organs are not drowned by the colon: about 860 MoNuSeg and 1400 GlaS training items."""
+    folder = out / "he_atlas"
+    folder.mkdir(parents=True, exist_ok=True)
+    with (shared / "meta" / "tcga_patient_to_cancer_type.csv").open() as fh:
+        cancer_types = {row["patient_id"]: row["cancer_type"] for row in csv.DictReader(fh)}
+    rows = []
+    seen_prep: dict[str, int] = {}
+    for path in sorted((shared / "he_tiles" / "monuseg").glob("*.png")):
+        caption, prep = monuseg_caption(path.stem, cancer_types)
+        seen_prep[prep] = seen_prep.get(prep, 0) + 1
+        split = "val" if seen_prep[prep] % 5 == 0 else "train"  # every fifth slide of each preparation
+        for k, crop in enumerate(_crops(Image.open(path), MONUSEG_MPP / ATLAS_MPP, ATLAS_CROP)):
+            name = f"monuseg_{path.stem}_{k}.png"
+            _save_png(crop, folder / name)
+            rows += [{"source": name, "caption": caption, "split": split}] * (copies if split == "train" else 1)
+    with (shared / "he_tiles" / "glas" / "grade.csv").open() as fh:
+        grades = list(csv.DictReader(fh))
+    patients = sorted({int(g["patient ID"]) for g in grades})
+    held_patients = set(patients[2::5])  # every fifth patient, whole
+    for g in grades:
+        path = shared / "he_tiles" / "glas" / f"{g['name']}.jpg"
+        if not path.is_file():
+            continue
+        caption = glas_caption(g["grade (GlaS)"].strip(), g["grade (Sirinukunwattana et al. 2015)"].strip())
+        split = "val" if int(g["patient ID"]) in held_patients else "train"
+        for k, crop in enumerate(_crops(Image.open(path), GLAS_MPP / ATLAS_MPP, ATLAS_CROP, density=1.0)):
+            name = f"glas_{g['name']}_{k}.png"
+            _save_png(crop, folder / name)
+            rows.append({"source": name, "caption": caption, "split": split})
+    with (folder / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["source", "caption", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def prepare_deepliif_crops(shared: Path, out: Path, n: int = 480, size: int = 128, seed: int = 0) -> Path:
+    """`n` random `size`-px crops of the DeepLIIF training columns (source and target alike)."""
+    if not (out / "deepliif" / "manifest.csv").is_file():
+        prepare_deepliif(shared, out)
+    source = np.asarray(Image.open(out / "deepliif" / "train_source.png").convert("RGB"))
+    target = np.asarray(Image.open(out / "deepliif" / "train_target.png").convert("RGB"))
+    folder = out / "deepliif_crops"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(n):
+        y, x = rng.integers(0, source.shape[0] - size + 1), rng.integers(0, source.shape[1] - size + 1)
+        for kind, image in (("source", source), ("target", target)):
+            _save_png(image[y : y + size, x : x + size], folder / f"{kind}_{k:04d}.png")
+        rows.append({"source": f"source_{k:04d}.png", "target": f"target_{k:04d}.png", "split": "train"})
+    for kind in ("source", "target"):  # the held-out part, whole, as in deepliif/
+        _save_png(np.asarray(Image.open(out / "deepliif" / f"val_{kind}.png")), folder / f"val_{kind}.png")
+    rows.append({"source": "val_source.png", "target": "val_target.png", "split": "val"})
+    with (folder / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["source", "target", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
 def _save_png(image: Image.Image | np.ndarray, path: Path) -> None:
     """Write then rename: a training run reading the folder never sees half a file."""
     image = Image.fromarray(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
@@ -188,7 +295,8 @@ def main(argv=None) -> int:
     shared, out = Path(args.shared), Path(args.out)
     if not (shared / "mif" / "deepliif" / "Lung1.png").is_file():
         raise SystemExit(f"{shared}: not the shared data folder (no mif/deepliif/Lung1.png)")
-    for prepare in (prepare_deepliif, prepare_birl, prepare_he_captions, prepare_stain_domains):
+    for prepare in (prepare_deepliif, prepare_birl, prepare_he_captions, prepare_stain_domains, prepare_he_atlas,
+                    prepare_deepliif_crops):
         print(prepare(shared, out))
     return 0
 

@@ -1,6 +1,7 @@
 """Latent codecs: the image <-> latent maps the denoiser works in.
 
-`DiffusersVAE` wraps any diffusers `AutoencoderKL` (local folder or hub id) and applies
+`TinyAutoencoderCodec` (models/tiny_autoencoder.py) is the default of new models: the
+pretrained TAEF2, bundled. `DiffusersVAE` wraps any diffusers `AutoencoderKL` (local folder or hub id) and applies
 its `scaling_factor` / `shift_factor`, so latents have roughly unit variance whatever
 VAE a user brings (SD, SD3, FLUX-style). `PixelUnshuffleCodec` is a lossless,
 weight-free space-to-depth map: it lets tiny models train and run on CPU (tests, the
@@ -144,11 +145,18 @@ def codec_for(spec: str | Path, channels: list[str] | None = None, *, device=Non
 
 
 def load_vae(spec: str | Path, *, subfolder: str | None = None, device=None, dtype=None) -> LatentCodec:
-    """`pixel-unshuffle:F`, a local AutoencoderKL folder, or a hub id (e.g. a model's `vae`)."""
+    """`taef2` (the bundled pretrained codec), a TAEF2 folder, `pixel-unshuffle:F`, a local
+    AutoencoderKL folder, or a hub id (e.g. a model's `vae`)."""
+    from .tiny_autoencoder import ENCODER_FILE, TinyAutoencoderCodec
+
     spec_str = str(spec)
     if spec_str.startswith("pixel-unshuffle"):
         _, _, factor = spec_str.partition(":")
         return PixelUnshuffleCodec(int(factor or 2))
+    if spec_str == "taef2":
+        return TinyAutoencoderCodec.from_folder(None, device=device, dtype=dtype)
+    if (Path(spec_str).expanduser() / ENCODER_FILE).is_file():
+        return TinyAutoencoderCodec.from_folder(Path(spec_str).expanduser(), device=device, dtype=dtype)
     from diffusers import AutoencoderKL
 
     from ..hub import resolve_pretrained
