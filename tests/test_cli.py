@@ -14,6 +14,27 @@ from mupad_core.cli import main
 from mupad_core.demo import sample_slide_path
 
 
+def test_every_subcommand_has_working_help(capsys):
+    import argparse
+
+    import pytest
+
+    from mupad_core.cli import build_parser
+    from mupad_core.tasks import SLIDE_TASKS
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for argv in [["--help"]] + [[name, "--help"] for name in commands]:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        assert exit_info.value.code == 0, argv
+        text = capsys.readouterr().out
+        assert "usage: mupad" in text
+        if argv[0] == "stain":
+            help_text = " ".join(text.split())
+            assert all(task in help_text for task in SLIDE_TASKS), "--task lists the tasks it accepts"
+
+
 def test_bundled_sample_slide_is_real_and_opens():
     import openslide
 

@@ -200,13 +200,15 @@ def test_stain_he2he_with_the_variations_model_and_annealed_guidance(tmp_path, c
 
 def test_stain_runs_a_model_at_its_own_pixel_size_by_default(tmp_path, capsys):
     """demo-he2ihc was trained at 4.6 µm/px: without --target-mpp that is the output's size
-    (at the scan's 0.5 µm/px it would be ~80x the work and outside what it learnt)."""
+    (at the scan's 0.5 µm/px it would be ~80x the work and outside what it learnt). Without
+    --task the task is the model's own, as in the widget."""
     from mupad_core.demo import sample_slide_path
 
     out = tmp_path / "ihc.ome.zarr"
-    code = main(["stain", str(sample_slide_path()), "-o", str(out), "--task", "he2ihc", "--model", "demo-he2ihc",
+    code = main(["stain", str(sample_slide_path()), "-o", str(out), "--model", "demo-he2ihc",
                  "--roi", "0", "0", "460", "368", "--steps", "1"])
     assert code == 0
+    assert zarr.open_group(str(out), mode="r").attrs["mupad"]["task"] == "he2ihc"
     assert "model's own 4.6 µm/px" in capsys.readouterr().err
     validate_omezarr(out)
     group = zarr.open_group(str(out), mode="r")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .tasks import SLIDE_TASKS
 
 
 def _cmd_demo(args) -> int:
@@ -325,7 +326,8 @@ def _cmd_version(args) -> int:
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by `stain` and `stain-batch`: what runs, how it samples, how it writes."""
-    parser.add_argument("--task", default=None, help="task name (default he2he; he2ihc:MARKER with --marker)")
+    parser.add_argument("--task", default=None, help="one of " + ", ".join(SLIDE_TASKS) + " (default: the "
+                        "model's own, else he2he; he2ihc:MARKER with --marker)")
     parser.add_argument("--marker", help="IHC marker (ki67, er, pr, her2, ...): runs task he2ihc:MARKER, which the "
                                          "model must be trained for")
     parser.add_argument("--model", default="identity",
@@ -372,11 +374,13 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve_task(args) -> None:
-    """--marker M is --task he2ihc:M; a task of another family with a marker is a mistake."""
+    """--marker M is --task he2ihc:M; a task of another family with a marker is a mistake.
+    Without either, the task is the model's own (the first it was trained for)."""
+    from .generate.models import model_defaults
     from .tasks import task_family
 
     if args.marker is None:
-        args.task = args.task or "he2he"
+        args.task = args.task or model_defaults(args.model).get("task") or "he2he"
         return
     marker = args.marker.strip().lower()
     if not marker or ":" in marker:
@@ -498,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(tr)
     tr.set_defaults(func=_cmd_translate, steps=50)
 
-    ev = sub.add_parser("eval", help="generated images against references (and baselines): FID/KID with 95% "
+    ev = sub.add_parser("eval", help="generated images against references (and baselines): FID/KID with 95%% "
                                      "intervals, paired PSNR/SSIM/PCC; JSON + Markdown report with plots")
     ev.add_argument("--pred", required=True, help="predictions: folder of images, OME-Zarr or slide")
     ev.add_argument("--ref", required=True, help="references: folder of images, OME-Zarr or slide")

@@ -24,9 +24,10 @@ from .metrics import patch_pearson, pearson, psnr
 
 def evaluate_heldout(model: str | Path, manifest: str | Path, task: str, mpp: float, *, split: str = "val",
                      steps: int = 20, seed: int = 0, window_px: int | None = None, keep: Path | None = None,
-                     method: str = "euler") -> dict:
+                     method: str = "euler", samples: int = 1) -> dict:
     """Mean metrics over the `split` rows of `manifest`, per channel and overall; windows of
-    the size the model was trained on unless `window_px` says otherwise."""
+    the size the model was trained on unless `window_px` says otherwise; `samples` > 1 scores
+    the mean of that many samples (`mupad stain --samples`)."""
     from ..models.checkpoint import read_pipeline
     from ..zoo import resolve_model
 
@@ -45,12 +46,15 @@ def evaluate_heldout(model: str | Path, manifest: str | Path, task: str, mpp: fl
             with open_slide(source_path, mpp=mpp) as reader:
                 config = StainConfig(task=task, steps=steps, seed=seed, method=method, window_px=window_px,
                                      overlap_px=overlap_px,
-                                     margin_px=window_px, block_px=1024, skip_background=False, overwrite=True)
+                                     margin_px=window_px, block_px=1024, skip_background=False, overwrite=True,
+                                     samples=samples)
                 store = run_stain(reader, handle, out_dir / f"{split}_{n}.ome.zarr", config)
             generated = zarr.open_group(str(store), mode="r")["0"][:].transpose(1, 2, 0).astype(np.float64)
             results.append({"psnr": psnr(generated, reference), "pcc": pearson(generated, reference),
                             "patch_pcc": patch_pearson(generated, reference)})
     summary = {"split": split, "images": len(results), "steps": steps, "seed": seed, "channels": names}
+    if samples > 1:
+        summary["samples"] = samples
     if method != "euler":
         summary["method"] = method
     for key in ("psnr", "pcc", "patch_pcc"):

@@ -268,17 +268,21 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
 
 
 def model_defaults(spec: str) -> dict:
-    """What a checkpoint records about how it runs: {"mpp": µm/px, "window_px": px}, where given.
+    """What a checkpoint records about how it runs: {"mpp": µm/px, "window_px": px, "task": its
+    first task}, where given.
 
-    A model runs best at the pixel size and window it was trained at; `mupad stain` and the
-    stain widget default to them. `identity` records nothing."""
+    A model runs best at the pixel size and window it was trained at, on its own task; `mupad
+    stain` and the stain widget default to them. `identity` records nothing."""
     if spec == "identity":
         return {}
     from ..models.checkpoint import CHECKPOINT_FILES, read_pipeline
     from ..zoo import resolve_model
 
     pipeline = read_pipeline(resolve_model(spec, CHECKPOINT_FILES))
-    return {key: cast(pipeline[key]) for key, cast in (("mpp", float), ("window_px", int)) if pipeline.get(key)}
+    defaults = {key: cast(pipeline[key]) for key, cast in (("mpp", float), ("window_px", int)) if pipeline.get(key)}
+    if pipeline.get("tasks"):
+        defaults["task"] = str(pipeline["tasks"][0])
+    return defaults
 
 
 def _load_checkpoint_handle(spec: str, task: str, device: str) -> ModelHandle:
