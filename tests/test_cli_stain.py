@@ -217,3 +217,23 @@ def test_stain_runs_a_model_at_its_own_pixel_size_by_default(tmp_path, capsys):
     assert group["0"].shape == (3, 40, 50)  # 368 x 460 level-0 px at 0.499 -> 4.6 µm/px
     engine = group.attrs["mupad"]["engine"]
     assert engine["window_px"] == 64 and engine["overlap_px"] == 16  # its own window, as the widget
+
+
+@pytest.mark.parametrize(
+    "flags,expect",
+    [
+        (["--model", "identity", "--target-mpp", "-1"], "target pixel size must be a positive number"),
+        (["--model", "identity", "--target-mpp", "nan"], "target pixel size must be a positive number"),
+        (["--model", "demo-he2ihc", "--window-px", "68"], "window_px=68 must be a multiple of 8"),
+    ],
+    ids=["negative-mpp", "nan-mpp", "window-not-whole-patches"],
+)
+def test_bad_engine_settings_are_refused_before_anything_is_written(tmp_path, capsys, flags, expect):
+    """One line naming the setting; no store and no stale .partial left behind."""
+    from mupad_core.demo import sample_slide_path
+
+    out = tmp_path / "result.ome.zarr"
+    line = _fail(["stain", str(sample_slide_path()), "-o", str(out), "--roi", "0", "0", "256", "256", "--quiet",
+                  *flags], capsys)
+    assert expect in line
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))

@@ -109,9 +109,19 @@ def _check(config: StainConfig, handle: ModelHandle) -> None:
             f"strength {config.strength} starts from the noised source, which only makes sense when the output is "
             f"the same kind of image as the input ({', '.join(SAME_DOMAIN_TASKS)}), not for {config.task!r}"
         )
-    for name in ("window_px", "overlap_px", "margin_px"):
-        if getattr(config, name) % handle.downscale:
-            raise ValueError(f"{name}={getattr(config, name)} must be a multiple of the latent downscale {handle.downscale}")
+    if config.target_mpp is not None and not (math.isfinite(config.target_mpp) and config.target_mpp > 0):
+        raise ValueError(f"target pixel size must be a positive number of µm/px, got {config.target_mpp}")
+    if config.window_px < 1:
+        raise ValueError(f"window must be positive, got {config.window_px}")
+    # A window is whole latent patches: the codec's downscale times the denoiser's patch size.
+    model_config = getattr(getattr(handle, "model", None), "config", None)
+    patch = int(getattr(model_config, "patch_size", 1) or 1)
+    unit = handle.downscale * patch
+    for name, multiple in (("window_px", unit), ("overlap_px", handle.downscale), ("margin_px", handle.downscale)):
+        if getattr(config, name) % multiple:
+            what = f"latent downscale {handle.downscale} x patch size {patch}" if multiple == unit and patch > 1 \
+                else f"latent downscale {handle.downscale}"
+            raise ValueError(f"{name}={getattr(config, name)} must be a multiple of {multiple} (the {what})")
 
 
 def output_geometry(reader, config: StainConfig) -> tuple[tuple[int, int, int, int], tuple[float, float], float, int, int]:
