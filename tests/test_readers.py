@@ -29,8 +29,8 @@ FIXTURES = "slides/openslide-python-fixtures"
 NDPI = "slides/hamamatsu-ndpi-fluorescence"
 
 
-def test_cmu1_metadata_and_levels(shared_data):
-    with open_slide(shared_data / CMU1) as reader:
+def test_cmu1_metadata_and_levels(cmu1):
+    with open_slide(cmu1) as reader:
         assert isinstance(reader, OpenSlideReader)
         assert reader.vendor == "aperio"
         assert reader.kind == "brightfield"
@@ -47,8 +47,8 @@ def test_cmu1_metadata_and_levels(shared_data):
         assert reader.associated_images["macro"].shape == (431, 1280, 3)
 
 
-def test_cmu1_pixels_match_openslide(shared_data):
-    path = shared_data / CMU1
+def test_cmu1_pixels_match_openslide(cmu1):
+    path = cmu1
     expected = np.asarray(openslide.OpenSlide(str(path)).read_region((1000, 1200), 0, (300, 200)))
     assert (expected[..., 3] == 255).all()
     with open_slide(path) as reader:
@@ -57,15 +57,15 @@ def test_cmu1_pixels_match_openslide(shared_data):
         np.testing.assert_array_equal(reader.levels[0][1200:1400, 1000:1300].compute(), expected[..., :3])
 
 
-def test_read_region_pads_outside_with_background(shared_data):
-    with open_slide(shared_data / CMU1) as reader:
+def test_read_region_pads_outside_with_background(cmu1):
+    with open_slide(cmu1) as reader:
         corner = reader.read_region(0, 2200, 2950, 40, 40)
     assert corner.shape == (40, 40, 3)
     assert (corner[17:, :] == 255).all() and (corner[:, 20:] == 255).all()
     assert (corner[:17, :20] < 250).any()
 
 
-def test_opening_reads_no_pixels(shared_data, monkeypatch):
+def test_opening_reads_no_pixels(cmu1, monkeypatch):
     calls = []
     original = openslide.OpenSlide.read_region
 
@@ -75,7 +75,7 @@ def test_opening_reads_no_pixels(shared_data, monkeypatch):
 
     monkeypatch.setattr(openslide.OpenSlide, "read_region", counting_read_region)
     started = time.perf_counter()
-    reader = open_slide(shared_data / CMU1)
+    reader = open_slide(cmu1)
     window = reader.levels[0][100:200, 100:200]  # slicing stays lazy too
     assert time.perf_counter() - started < 1.0
     assert calls == []
@@ -134,13 +134,13 @@ def test_generic_tiff_without_pixel_size(shared_data):
         viewer_only.best_level_for_mpp(1.0)
 
 
-def test_mpp_override_warns_only_when_it_contradicts_the_file(shared_data):
+def test_mpp_override_warns_only_when_it_contradicts_the_file(cmu1):
     with pytest.warns(UserWarning, match="overrides the file's 0.499"):
-        reader = open_slide(shared_data / CMU1, mpp=0.25)
+        reader = open_slide(cmu1, mpp=0.25)
     assert reader.mpp == (0.25, 0.25)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert open_slide(shared_data / CMU1, mpp=(0.499, 0.499)).mpp == (0.499, 0.499)
+        assert open_slide(cmu1, mpp=(0.499, 0.499)).mpp == (0.499, 0.499)
 
 
 def test_dicom_pair(shared_data, tmp_path):

