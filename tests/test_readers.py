@@ -385,3 +385,16 @@ def _zarr_without_multiscales(folder):
     path = folder / "plain.zarr"
     zarr.open_group(path, mode="w")
     return path
+
+
+def test_a_closed_reader_stays_closed(cmu1):
+    """No silent reopen after close(): a read names the file; a pickled copy opens its own."""
+    from mupad_core.slide.readers.base import SlideError
+
+    reader = open_slide(cmu1)
+    level = reader.levels[-1]
+    reader.close()
+    with pytest.raises(SlideError, match="CMU-1-Small-Region.svs.*closed"):
+        level[:16, :16].compute()
+    restored = pickle.loads(pickle.dumps(level))
+    assert restored[:16, :16].compute().shape[:2] == (16, 16)

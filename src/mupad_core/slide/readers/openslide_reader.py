@@ -62,21 +62,26 @@ def hamamatsu_fluorescence_channels(properties: dict[str, str]) -> list[str] | N
 
 class OpenSlideRegions:
     """Reads composited regions from one slide; pickles as its path so dask workers in
-    other processes reopen the slide themselves."""
+    other processes reopen the slide themselves. Once closed it stays closed: a read after
+    `close()` is an error naming the file, not a silent reopen that leaks a handle."""
 
     def __init__(self, path: Path, background: float, slide: openslide.OpenSlide | None = None):
         self.path = path
         self.background = background
         self._slide = slide
+        self._closed = False
 
     @property
     def slide(self) -> openslide.OpenSlide:
+        if self._closed:
+            raise SlideError(self.path, "the reader is closed; open the slide again to read it")
         if self._slide is None:
             self._slide = openslide.OpenSlide(str(self.path))
         return self._slide
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "background": self.background, "_slide": None}
+        # A copy in another process opens its own handle (this one's state does not travel).
+        return {"path": self.path, "background": self.background, "_slide": None, "_closed": False}
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """(h, w, 3) uint8 at level coordinates; outside the scan reads as background."""
@@ -92,6 +97,7 @@ class OpenSlideRegions:
         return self.read(level, x0, y0, x1 - x0, y1 - y0)
 
     def close(self) -> None:
+        self._closed = True
         if self._slide is not None:
             self._slide.close()
             self._slide = None
