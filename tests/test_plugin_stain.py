@@ -735,3 +735,39 @@ def _slide_path():
     from mupad_core.demo import sample_slide_path
 
     return sample_slide_path()
+
+
+def test_a_slide_without_pixel_size_runs_at_the_size_stated_in_the_widget(make_napari_viewer, cmu1, tmp_path, qtbot):
+    """A PNG states no pixel size: Run says which field to set (no thread started); with
+    'Source µm/px' set the run goes through, the layer keeps the size and the output records
+    it as given, not read from the file."""
+    from PIL import Image
+
+    from mupad_core.slide.readers import open_slide
+    from napari_mupad._reader import get_reader
+
+    with open_slide(cmu1) as reader:
+        pixels = np.asarray(reader.read_region(0, 400, 900, 256, 192))[..., :3]
+    path = tmp_path / "no-pixel-size.png"
+    Image.fromarray(pixels).save(path)
+    viewer = make_napari_viewer()
+    for data, meta, _kind in get_reader(str(path))(str(path)):
+        viewer.add_image(data, **meta)
+    layer = viewer.layers[0]
+    assert layer.metadata.get("mpp") is None
+    widget = _widget(viewer, tmp_path, qtbot)
+    widget.region_combo.setCurrentText("Whole slide")
+    seen, stop = _notifications()
+    try:
+        widget.run()
+        assert not widget.running
+    finally:
+        stop()
+    assert any("Source µm/px" in m and "no-pixel-size.png" in m for m in _messages(seen)), _messages(seen)
+
+    widget.src_mpp_spin.setValue(0.5)
+    _run(widget, qtbot)
+    assert widget.jobs[0].status == "done", widget.status_label.text()
+    assert layer.metadata["mpp"] == (0.5, 0.5)
+    source = zarr.open_group(str(widget.jobs[0].out), mode="r").attrs["mupad"]["source"]
+    assert source["mpp"] == [0.5, 0.5] and source["mpp_origin"] == "given"

@@ -437,7 +437,8 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
                    and not (k == "guidance_schedule" and v == "constant")
                    and not (k == "skip_glass_windows" and glass_latent is None)},
         "batch_size": config.batch_size,
-        "source": {"path": str(reader.path), "mpp": list(src_mpp), "roi_level0": list(roi)},
+        "source": {"path": str(reader.path), "mpp": list(src_mpp), "roi_level0": list(roi),
+                   **({"mpp_origin": reader.mpp_origin} if getattr(reader, "mpp_origin", "file") != "file" else {})},
         "software": f"napari-mupad {__version__}",
     }
     origin = output_origin(reader, roi, src_mpp, target_mpp)
@@ -585,7 +586,9 @@ def release_freed_memory() -> None:
     Blocks allocate and free large buffers of varying sizes (edge blocks are smaller); glibc
     keeps the freed pages, so the process grew block by block with the slide's size: peak RSS
     983 MiB after 16 blocks of a 2 cm² slide, 641 MiB with a trim after each block (measured,
-    benchmarks/slide_end_to_end.py). A trim costs milliseconds against seconds per block."""
+    benchmarks/slide_end_to_end.py). A trim costs milliseconds against seconds per block. It runs
+    inside napari too, on purpose: a stain run from the widget grows the viewer's process the same
+    way, and a trim only hands back pages glibc already holds free (no other thread's memory moves)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -212,6 +212,7 @@ class JobControls:
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.progress_bar)
+        self.status_label.setWordWrap(True)  # errors name a file and a setting: show all of it
         layout.addWidget(self.status_label)
         notice = QLabel("Generated images: hypothesis-generating, not for diagnosis.")
         notice.setWordWrap(True)

@@ -172,6 +172,14 @@ class StainWidget(JobControls, QWidget):
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(1, 1000)
         self.steps_spin.setValue(20)
+        self.src_mpp_spin = QDoubleSpinBox()
+        self.src_mpp_spin.setDecimals(4)
+        self.src_mpp_spin.setRange(0.0, 100.0)
+        self.src_mpp_spin.setSingleStep(0.05)
+        self.src_mpp_spin.setSpecialValueText("from file")  # 0: the pixel size the slide states
+        self.src_mpp_spin.setToolTip("size of one full-resolution pixel of the source in µm, for a file that "
+                                     "states none (e.g. 0.25 at 40x, 0.5 at 20x); kept with the layer and "
+                                     "recorded in the output")
         self.mpp_spin = QDoubleSpinBox()
         self.mpp_spin.setDecimals(3)
         self.mpp_spin.setRange(0.0, 100.0)
@@ -235,6 +243,7 @@ class StainWidget(JobControls, QWidget):
         guidance_row.addWidget(self.guidance_spin, 1)
         guidance_row.addWidget(self.schedule_combo)
         form.addRow("Guidance", guidance_row)
+        form.addRow("Source µm/px", self.src_mpp_spin)
         form.addRow("Output µm/px", self.mpp_spin)
         form.addRow("Device", self.device_combo)
         out_row = QHBoxLayout()
@@ -363,6 +372,7 @@ class StainWidget(JobControls, QWidget):
             job.resume = unfinished is not None
             self.jobs.append(job)
         self._source_name = source.name
+        self._state_source_mpp(source)
         self._src_mpp_xy = geo.layer_mpp_xy(source)
         self._src_mpp = min(self._src_mpp_xy)
         target = float(self.mpp_spin.value()) or None
@@ -389,6 +399,23 @@ class StainWidget(JobControls, QWidget):
             _start_thread=False, _ignore_errors=True,
         )
         self._launch(worker, total=0, status=f"loading model {model} …")  # busy until the first block reports
+
+    def _state_source_mpp(self, source) -> None:
+        """A slide whose file states no pixel size runs at the size given in 'Source µm/px',
+        kept in the layer's metadata (so later runs and exports agree) and, through the reader,
+        in every output's provenance. Without one the run is refused here, before any work."""
+        stated = float(self.src_mpp_spin.value()) or None
+        recorded = source.metadata.get("mpp")
+        if recorded is not None and stated is None:
+            return
+        if recorded is None and stated is None:
+            raise ValueError(f"{Path(str(source.metadata.get('path', source.name))).name} states no pixel size: "
+                             "set 'Source µm/px' to the size of one full-resolution pixel (e.g. 0.25 at 40x)")
+        if recorded is not None and not source.metadata.get("mpp_stated"):
+            raise ValueError(f"{source.name} states its own pixel size ({geo.layer_mpp(source):g} µm): "
+                             "leave 'Source µm/px' at 'from file'")
+        source.metadata["mpp"] = (stated, stated)
+        source.metadata["mpp_stated"] = "stated in the Virtual stain widget"
 
     @staticmethod
     def _unfinished(out_dir: Path, name: str) -> Path | None:

@@ -301,6 +301,8 @@ class SlideReader(abc.ABC):
                 self.path, f"{len(channel_names)} channel names for {levels[0].shape[2]} channels: {channel_names}"
             )
         self.mpp = resolve_mpp(self.path, file_mpp, mpp, required=require_mpp)
+        # Where the pixel size came from, for provenance: the file's own, or given by the user.
+        self.mpp_origin = "given" if mpp is not None else ("file" if self.mpp is not None else None)
 
     @property
     def dimensions(self) -> tuple[int, int]:
