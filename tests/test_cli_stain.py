@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,4 +237,34 @@ def test_bad_engine_settings_are_refused_before_anything_is_written(tmp_path, ca
     line = _fail(["stain", str(sample_slide_path()), "-o", str(out), "--roi", "0", "0", "256", "256", "--quiet",
                   *flags], capsys)
     assert expect in line
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def _two_channel_uint16(tmp_path) -> tuple[Path, np.ndarray]:
+    import tifffile
+
+    pixels = (np.random.default_rng(0).random((2, 300, 350)) * 4000).astype(np.uint16)
+    path = tmp_path / "if2.ome.tif"
+    tifffile.imwrite(path, pixels, ome=True, tile=(128, 128), metadata={
+        "axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "Channel": {"Name": ["DAPI", "CD3"]}})
+    return path, pixels
+
+
+def test_identity_copies_a_two_channel_16_bit_panel_exactly(tmp_path):
+    path, pixels = _two_channel_uint16(tmp_path)
+    out = tmp_path / "copy.ome.zarr"
+    assert main(["stain", str(path), "-o", str(out), "--model", "identity", "--quiet"]) == 0
+    validate_omezarr(out)
+    group = zarr.open_group(str(out), mode="r")
+    assert group["0"].dtype == np.uint16
+    np.testing.assert_array_equal(group["0"][:], pixels)
+    assert [c["label"] for c in group.attrs["omero"]["channels"]] == ["DAPI", "CD3"]
+
+
+def test_a_model_is_checked_against_the_slide_before_anything_runs(tmp_path, capsys):
+    path, _ = _two_channel_uint16(tmp_path)
+    out = tmp_path / "ihc.ome.zarr"
+    line = _fail(["stain", str(path), "-o", str(out), "--model", "demo-he2ihc", "--quiet"], capsys)
+    assert "if2.ome.tif is a 2-channel uint16 fluorescence image" in line
+    assert "demo-he2ihc takes 3-channel 8-bit brightfield (RGB) input" in line
     assert not out.exists() and not list(tmp_path.glob("*.partial"))

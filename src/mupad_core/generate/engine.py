@@ -171,18 +171,34 @@ def read_source_parallel(reader, pmap: PixelMap, oy: int, ox: int, oh: int, ow: 
 
 
 def read_passthrough(reader, pmap: PixelMap, oy: int, ox: int, oh: int, ow: int) -> np.ndarray:
-    """Output pixels (C, oh, ow) uint8 of a passthrough (identity) block.
+    """Output pixels (C, oh, ow) of a passthrough (identity) block, in the slide's own dtype.
 
-    A uint8 source at the output size is passed on as it is: the bytes the float round
-    trip would give (x / 255 * 255 rounds back to x), at none of its cost. Other dtypes
-    and resampled reads go through the usual conversion.
+    A source at the output size is passed on as it is (any channel count, any dtype: a
+    16-bit fluorescence panel stays 16-bit); a resampled read is scaled back to the dtype's
+    range and rounded.
     """
     pixels = read_resampled(reader, pmap, oy, ox, oh, ow)
     if isinstance(pixels, np.ndarray):
-        if pixels.dtype == np.uint8:
-            return np.moveaxis(pixels, -1, 0)
-        pixels = to_unit_float(pixels)
-    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        return np.moveaxis(pixels, -1, 0)
+    dtype = np.dtype(reader.dtype)
+    if dtype.kind == "f":
+        return pixels.numpy().astype(dtype)
+    peak = float(np.iinfo(dtype).max)
+    return (pixels.clamp(0, 1) * peak).round().numpy().astype(dtype)
+
+
+def check_input(reader, handle: ModelHandle) -> None:
+    """A model runs only on the kind of image it was trained on: refuse any other slide here,
+    before anything is written, in one line naming both (not later, inside torch)."""
+    if handle.passthrough:
+        return
+    channels = int(reader.levels[0].shape[2])
+    dtype = np.dtype(reader.dtype)
+    wanted = int(getattr(handle, "input_channels", 3))
+    if channels != wanted or dtype != np.uint8:
+        kind = getattr(reader, "kind", "image")
+        raise ValueError(f"{Path(str(reader.path)).name} is a {channels}-channel {dtype} {kind} image; "
+                         f"{handle.model_id} takes {wanted}-channel 8-bit brightfield (RGB) input")
 
 
 class ReadAhead:
@@ -418,6 +434,7 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
     are written as background instead of generated. Returns the final store path.
     """
     _check(config, handle)
+    check_input(reader, handle)
     roi, src_mpp, target_mpp, out_h, out_w = output_geometry(reader, config)
     scale = (target_mpp / src_mpp[0], target_mpp / src_mpp[1])
     pmap = pixel_map(reader, roi, target_mpp)
@@ -442,10 +459,18 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
         "software": f"napari-mupad {__version__}",
     }
     origin = output_origin(reader, roi, src_mpp, target_mpp)
+    if handle.passthrough:  # a copy: the slide's own channels, names and dtype
+        channels, dtype = int(reader.levels[0].shape[2]), np.dtype(reader.dtype)
+        kind = "rgb" if channels == 3 and dtype == np.uint8 and reader.kind != "fluorescence" else "fluorescence"
+        names = list(reader.channel_names) if kind == "fluorescence" else None
+        colors = None
+    else:
+        channels, dtype, kind = handle.out_channels, np.dtype("uint8"), output_kind(handle)
+        names, colors = getattr(handle, "channel_names", None), getattr(handle, "channel_colors", None)
     writer = PyramidWriter(
-        out_path, (out_h, out_w), handle.out_channels, dtype="uint8", mpp=(target_mpp, target_mpp),
-        chunk=config.chunk_px, version=config.version, kind=output_kind(handle),
-        channel_names=getattr(handle, "channel_names", None), channel_colors=getattr(handle, "channel_colors", None),
+        out_path, (out_h, out_w), channels, dtype=dtype.name, mpp=(target_mpp, target_mpp),
+        chunk=config.chunk_px, version=config.version, kind=kind,
+        channel_names=names, channel_colors=colors,
         provenance=provenance, resume=config.resume, overwrite=config.overwrite, origin=origin,
     )
     spread = spread_writer(writer, handle, config, provenance, origin) if config.samples > 1 else None
