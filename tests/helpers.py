@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +74,13 @@ def record_notifications():
 
     notification_manager.notification_ready.connect(record)
     return seen, lambda: notification_manager.notification_ready.disconnect(record)
+
+
+def figures_dir() -> Path:
+    """Where tests save the screenshots they take: a temporary folder, unless MUPAD_FIGURES
+    names one (`bash scripts/update_figures.sh` sets it to docs/images). A test run never
+    rewrites the tracked figures."""
+    target = os.environ.get("MUPAD_FIGURES")
+    folder = Path(target) if target else Path(tempfile.gettempdir()) / "mupad-test-figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

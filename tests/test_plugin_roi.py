@@ -15,7 +15,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = REPO / "docs" / "images"
+from helpers import figures_dir  # noqa: E402
+
+IMAGES = figures_dir()
 EXPRESSION = "expression/tcga_blca_xena_rna_clean_first24.csv"
 
 

@@ -18,7 +18,9 @@ import zarr
 from mupad_core.store.omezarr import PROGRESS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = REPO / "docs" / "images"
+from helpers import figures_dir  # noqa: E402
+
+IMAGES = figures_dir()
 ROI = (400, 900, 512, 384)  # level-0 x, y, w, h on CMU-1-Small-Region (tissue)
 
 

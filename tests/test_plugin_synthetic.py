@@ -100,8 +100,8 @@ def test_variations_set_with_cancel_resume_and_preview(make_napari_viewer, qtbot
     viewer.reset_view()
     settle_canvas(viewer, qtbot)
     shot = np.asarray(viewer.screenshot(canvas_only=False, flash=False))[..., :3]
-    (REPO / "docs" / "images").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(shot).save(REPO / "docs" / "images" / "plugin-synthetic.png")
+    from helpers import figures_dir
+    Image.fromarray(shot).save(figures_dir() / "plugin-synthetic.png")
 
 
 def test_bad_folder_and_model_are_notifications(make_napari_viewer, qtbot, few_shot, tmp_path):

@@ -222,6 +222,6 @@ def test_bundled_variations_model_keeps_the_reference_look(tmp_path):
             mean = np.asarray(Image.open(out / name / f"tile0-var{k}.png")).reshape(-1, 3).mean(0)
             assert np.linalg.norm(mean - means[name]) < np.linalg.norm(mean - means[other])
     grid = np.concatenate(rows, axis=0).astype(np.uint8)
-    (REPO / "docs" / "images").mkdir(parents=True, exist_ok=True)
+    from helpers import figures_dir
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
-        REPO / "docs" / "images" / "augment-demo-he2he.png")
+        figures_dir() / "augment-demo-he2he.png")

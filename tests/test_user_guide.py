@@ -16,7 +16,9 @@ from mupad_core.demo import sample_slide_path
 from mupad_core.store import validate_omezarr
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = REPO / "docs" / "images"
+from helpers import figures_dir  # noqa: E402
+
+IMAGES = figures_dir()
 PLUGIN = "napari-mupad"
 
 
