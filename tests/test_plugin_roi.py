@@ -321,7 +321,7 @@ def test_bundled_text2he_model_draws_tissue_in_the_rectangles(slide_viewer, qtbo
     widget.model_combo.setCurrentText("demo-text2he")
     assert widget.pixel_spin.value() == pytest.approx(0.5)
     widget.shapes_combo.setCurrentText("rois")
-    widget.prompt_edit.setText("H&E dense tumour with high nuclear density")
+    widget.prompt_edit.setText("H&E FFPE section of breast invasive carcinoma")  # a caption it was trained on
     widget.steps_spin.setValue(20)
     _run(widget, qtbot, timeout=300_000)
     assert [job.status for job in widget.jobs] == ["done", "done"], widget.status_label.text()

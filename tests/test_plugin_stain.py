@@ -773,3 +773,27 @@ def test_a_slide_without_pixel_size_runs_at_the_size_stated_in_the_widget(make_n
     assert layer.metadata["mpp"] == (0.5, 0.5)
     source = zarr.open_group(str(widget.jobs[0].out), mode="r").attrs["mupad"]["source"]
     assert source["mpp"] == [0.5, 0.5] and source["mpp_origin"] == "given"
+
+
+@pytest.mark.parametrize("model", ["demo-he2ihc", "demo-he2mif", "identity"])
+def test_cli_demo_and_widget_resolve_the_same_engine_settings(make_napari_viewer, tmp_path, qtbot, model):
+    """One defaults function (StainConfig.for_model) behind every entry point: the same model
+    and the same settings give the same config, down to the pixel size and window."""
+    from mupad_core.cli import _resolve_task, _stain_config, build_parser
+    from mupad_core.demo import DemoConfig, demo_stain_config
+    from mupad_core.generate.config import StainConfig
+
+    args = build_parser().parse_args(["stain", "slide.svs", "-o", "out.ome.zarr", "--model", model,
+                                      "--steps", "12", "--device", "cpu"])
+    _resolve_task(args)
+    cli = _stain_config(args)
+    widget = _widget(make_napari_viewer(), tmp_path, qtbot)
+    widget.model_combo.setCurrentText(model)
+    widget.steps_spin.setValue(12)
+    from_widget = widget.settings(model, cli.task)
+    demo = demo_stain_config(model, cli.task, DemoConfig(steps=12))
+    keys = ("task", "target_mpp", "window_px", "overlap_px", "margin_px", "steps", "seed", "guidance", "method")
+    assert {k: getattr(cli, k) for k in keys} == {k: getattr(from_widget, k) for k in keys}
+    if model != "identity":  # the demo gives identity its own window; it records none
+        assert {k: getattr(cli, k) for k in keys} == {k: getattr(demo, k) for k in keys}
+    assert cli == StainConfig.for_model(model, task=cli.task, steps=12, batch_size=cli.batch_size)

@@ -376,7 +376,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 def _resolve_task(args) -> None:
     """--marker M is --task he2ihc:M; a task of another family with a marker is a mistake.
     Without either, the task is the model's own (the first it was trained for)."""
-    from .generate.models import model_defaults
+    from .generate.config import model_defaults
     from .tasks import task_family
 
     if args.marker is None:
@@ -392,19 +392,15 @@ def _resolve_task(args) -> None:
 
 
 def _stain_config(args, target_mpp: float | None = None, **extra):
-    """The engine settings; pixel size and window default to the model's own (its pipeline file)."""
-    from .generate.engine import StainConfig
-    from .generate.models import model_defaults
+    """The engine settings: `StainConfig.for_model`, the defaults every entry point shares."""
+    from .generate.config import StainConfig
 
-    defaults = model_defaults(args.model)
-    window = args.window_px or defaults.get("window_px") or 256
     read_workers = args.read_workers or (_spare_cores() if _resolve_device(args.device) == "cuda" else 1)
-    overlap = args.overlap_px if args.overlap_px is not None else window // 4
-    return StainConfig(
-        task=args.task, steps=args.steps, method=args.sampler, guidance=args.guidance,
-        guidance_schedule=args.guidance_schedule, seed=args.seed, batch_size=args.batch_size, version=args.format, resume=args.resume, overwrite=args.overwrite,
-        window_px=window, overlap_px=overlap, block_px=args.block_px, margin_px=window,
-        samples=args.samples, strength=args.strength, target_mpp=target_mpp or defaults.get("mpp"),
+    return StainConfig.for_model(
+        args.model, task=args.task, steps=args.steps, method=args.sampler, guidance=args.guidance,
+        guidance_schedule=args.guidance_schedule, seed=args.seed, batch_size=args.batch_size, version=args.format,
+        resume=args.resume, overwrite=args.overwrite, window_px=args.window_px, overlap_px=args.overlap_px,
+        block_px=args.block_px, samples=args.samples, strength=args.strength, target_mpp=target_mpp,
         read_workers=read_workers, skip_glass_windows=not args.sample_glass, **extra,
     )
 

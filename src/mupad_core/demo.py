@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -56,7 +56,7 @@ def tissue_rich_roi(reader, side: int) -> tuple[int, int, int, int]:
 def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print, models: list[str] | None = None) -> dict:
     import zarr
 
-    from .generate.engine import StainConfig, run_stain
+    from .generate.engine import run_stain
     from .generate.models import load_handle
     from .models.checkpoint import read_pipeline
     from .slide.readers import open_slide
@@ -70,7 +70,6 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print, models
     slide = sample_slide_path()
     results, rows = [], []
     with open_slide(slide) as reader:
-        src_mpp = reader.level_mpp(0)[0]
         for entry in entries:
             pipeline = read_pipeline(entry.path)
             task = entry.tasks[0]
@@ -79,19 +78,16 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print, models
                 results.append(result)
                 rows.append(row)
                 continue
-            mpp = float(pipeline.get("mpp") or src_mpp)
-            side = round(config.max_output_px * mpp / src_mpp)
+            stain = demo_stain_config(entry.id, task, config)
+            finest = min(reader.level_mpp(0))
+            mpp = stain.target_mpp or finest
+            side = round(config.max_output_px * mpp / finest)
             width0, height0 = reader.dimensions
             roi = (0, 0, width0, height0) if max(width0, height0) <= side else tissue_rich_roi(reader, side)
             log(f"{entry.id}: {task} over ROI {roi} of {slide.name} at {mpp} µm/px, {config.steps} steps")
             start = time.perf_counter()
-            window = int(pipeline.get("window_px") or config.window_px)  # the size it was trained on
-            store = run_stain(
-                reader, load_handle(entry.id, task), out_dir / f"{entry.id}.ome.zarr",
-                StainConfig(task=task, roi=roi, target_mpp=mpp, steps=config.steps, seed=config.seed,
-                            window_px=window, overlap_px=window // 4, margin_px=window, overwrite=True),
-                progress=None,
-            )
+            store = run_stain(reader, load_handle(entry.id, task), out_dir / f"{entry.id}.ome.zarr",
+                              replace(stain, roi=roi, target_mpp=mpp), progress=None)
             seconds = time.perf_counter() - start
             group = zarr.open_group(str(store), mode="r")
             output = group["0"][:]
@@ -111,7 +107,19 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print, models
     return summary
 
 
-DEMO_PROMPTS = ("H&E squamous epithelium", "H&E dense tumour with high nuclear density")
+# Captions of the kind demo-text2he was trained on (docs/training.md: MoNuSeg + GlaS captions).
+def demo_stain_config(model: str, task: str, config: DemoConfig = DemoConfig()):
+    """The defaults every entry point shares (`StainConfig.for_model`); the demo's own window
+    only for a model that names none."""
+    from .generate.config import StainConfig, model_pipeline
+
+    window = None if model_pipeline(model).get("window_px") else config.window_px
+    return StainConfig.for_model(model, task=task, steps=config.steps, seed=config.seed, overwrite=True,
+                                 window_px=window)
+
+
+DEMO_PROMPTS = ("H&E FFPE section of colon adenocarcinoma, malignant glands, moderately differentiated",
+                "H&E FFPE section of breast invasive carcinoma")
 
 
 def _generate(entry, pipeline, reader, out_dir: Path, config: DemoConfig, log):

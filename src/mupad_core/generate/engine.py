@@ -37,6 +37,7 @@ from .canvas import GlobalNoise
 from .fusion import ramp_weights, window_grid
 from .models import ModelHandle
 from .uncertainty import mean_and_spread, sample_seeds
+from .config import StainConfig  # noqa: F401  (its home is config.py; imported from here for years)
 from .resample import PixelMap, pixel_map, read_resampled, to_unit_float
 
 ProgressCallback = Callable[[int, int], None]  # (blocks done, total); may raise to cancel
@@ -46,36 +47,6 @@ class Cancelled(Exception):
     """Raised by a progress callback to stop a run; the partial store stays resumable."""
 
 
-@dataclass
-class StainConfig:
-    task: str = "identity"
-    roi: tuple[int, int, int, int] | None = None  # level-0 px: x, y, w, h
-    target_mpp: float | None = None  # default: the source's own pixel size
-    steps: int = 20
-    method: str = "euler"  # or "sde"
-    guidance: float = 0.0
-    # "constant"; "annealed" (guidance -> 0 over the trajectory, the paper's 2.5 -> 0); or
-    # "interval:LO:HI" (guidance only for progress in [LO, HI]). Where the weight is 0 the
-    # unconditional pass is skipped, so annealing saves passes as well as changing samples.
-    guidance_schedule: str = "constant"
-    seed: int = 0
-    window_px: int = 256
-    overlap_px: int = 64
-    fusion: str = "cosine"  # window weights: raised-cosine ramps, or "uniform" (plain MultiDiffusion average)
-    block_px: int = 1024
-    margin_px: int = 256  # >= one window: border positions see the same whole windows from both blocks
-    chunk_px: int = 256
-    batch_size: int = 8
-    read_workers: int = 1  # threads reading one block's source (> 1 where cores are spare: GPU hosts)
-    version: str = "0.4"
-    skip_background: bool = True  # blocks without tissue are written as background, not generated
-    # and, inside generated blocks, windows without tissue are steered to background without
-    # a network pass (engine.Glass); needs skip_background
-    skip_glass_windows: bool = True
-    samples: int = 1  # > 1: the mean of that many samples (uncertainty.sample_seeds) plus a spread store
-    strength: float = 1.0  # < 1 (he2he, ff2ffpe): start from the source noised to t = 1 - strength
-    resume: bool = False
-    overwrite: bool = False
 
 
 def _check(config: StainConfig, handle: ModelHandle) -> None:

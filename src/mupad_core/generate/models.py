@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from .fusion import Window
+from .config import model_defaults  # noqa: F401  (re-exported: callers import it from here)
 from .tiled_vae import tiled_decode, tiled_encode
 
 
@@ -265,24 +266,6 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
     handle = _load_checkpoint_handle(spec, task, device)
     handle.mpp = model_defaults(spec).get("mpp") or handle.mpp  # a flow falls back on its generator's
     return handle
-
-
-def model_defaults(spec: str) -> dict:
-    """What a checkpoint records about how it runs: {"mpp": µm/px, "window_px": px, "task": its
-    first task}, where given.
-
-    A model runs best at the pixel size and window it was trained at, on its own task; `mupad
-    stain` and the stain widget default to them. `identity` records nothing."""
-    if spec == "identity":
-        return {}
-    from ..models.checkpoint import CHECKPOINT_FILES, read_pipeline
-    from ..zoo import resolve_model
-
-    pipeline = read_pipeline(resolve_model(spec, CHECKPOINT_FILES))
-    defaults = {key: cast(pipeline[key]) for key, cast in (("mpp", float), ("window_px", int)) if pipeline.get(key)}
-    if pipeline.get("tasks"):
-        defaults["task"] = str(pipeline["tasks"][0])
-    return defaults
 
 
 def _load_checkpoint_handle(spec: str, task: str, device: str) -> ModelHandle:

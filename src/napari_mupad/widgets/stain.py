@@ -13,7 +13,7 @@ Every error ends as a napari notification.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import napari
@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from mupad_core.generate.config import StainConfig, model_pipeline
 from mupad_core.tasks import SLIDE_TASKS, supports_strength
 
 from . import _geometry as geo
@@ -68,23 +69,6 @@ class StainJob:
     status: str = "pending"  # pending, running, done, cancelled, failed
     resume: bool = False  # continue an existing NAME.partial
     out_mpp: float = 0.0  # output pixel size (µm)
-
-
-def model_pipeline(spec: str) -> dict:
-    """mupad_pipeline.json of a bundled model id or a local checkpoint folder; {} otherwise."""
-    import json
-
-    from mupad_core.zoo import PIPELINE_FILE, bundled_models_dir
-
-    if not spec or spec == "identity":
-        return {}
-    folder = bundled_models_dir() / spec
-    if "/" in spec or not (folder / "config.json").is_file():
-        folder = Path(spec).expanduser()
-    try:
-        return json.loads((folder / PIPELINE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def restaining_models() -> list[str]:
@@ -379,14 +363,10 @@ class StainWidget(JobControls, QWidget):
         for job in self.jobs:
             job.out_mpp = target or self._src_mpp
         self._cancel = threading.Event()
-        engine = {"steps": self.steps_spin.value(), "seed": self.seed_spin.value(), "target_mpp": target,
-                  "samples": self.samples_spin.value(),
-                  "strength": self.strength_spin.value() if supports_strength(task) else 1.0,
-                  "guidance": self.guidance_spin.value() if self.guidance_spin.isEnabled() else 0.0,
-                  "guidance_schedule": self.schedule_combo.currentText()}
-        window = self._model_pipeline.get("window_px")
-        if window:  # the tile size the model was trained on (as `mupad demo` runs it)
-            engine.update(window_px=int(window), overlap_px=int(window) // 4, margin_px=int(window))
+        # The defaults every entry point shares (the model's own window, a quarter overlap),
+        # then what the widget sets; only the settings that differ from a plain StainConfig travel.
+        settings = self.settings(model, task)
+        engine = {k: v for k, v in asdict(settings).items() if k not in ("task", "roi", "resume")}
         engine.update(self.engine_options)
         self._engine = engine
         # The pixel size the layer records (the file's, or the one given when it was opened);
@@ -399,6 +379,15 @@ class StainWidget(JobControls, QWidget):
             _start_thread=False, _ignore_errors=True,
         )
         self._launch(worker, total=0, status=f"loading model {model} …")  # busy until the first block reports
+
+    def settings(self, model: str, task: str) -> StainConfig:
+        """The run's engine settings from the form: `StainConfig.for_model`, as the CLI and demo."""
+        return StainConfig.for_model(
+            model, task=task, steps=self.steps_spin.value(), seed=self.seed_spin.value(),
+            target_mpp=float(self.mpp_spin.value()) or None, samples=self.samples_spin.value(),
+            strength=self.strength_spin.value() if supports_strength(task) else 1.0,
+            guidance=self.guidance_spin.value() if self.guidance_spin.isEnabled() else 0.0,
+            guidance_schedule=self.schedule_combo.currentText())
 
     def _state_source_mpp(self, source) -> None:
         """A slide whose file states no pixel size runs at the size given in 'Source µm/px',
