@@ -118,6 +118,11 @@ def _cmd_stain(args) -> int:
         print(f"mupad: output at the model's own {config.target_mpp:g} µm/px (--target-mpp to change)",
               file=sys.stderr)
     with open_slide(args.slide, mpp=args.mpp) as reader:
+        regions = None
+        if args.regions:
+            from .slide.regions import read_regions
+
+            regions = read_regions(args.regions, reader.dimensions)
         bar = tqdm(total=None, unit="block", desc=f"{args.task} {reader.path.name}", disable=args.quiet)
 
         def progress(done, total):
@@ -126,7 +131,7 @@ def _cmd_stain(args) -> int:
             bar.refresh()
 
         try:
-            out = run_stain(reader, handle, args.out, config, progress=progress)
+            out = run_stain(reader, handle, args.out, config, progress=progress, regions=regions)
         except KeyboardInterrupt:
             bar.close()
             print(f"mupad: interrupted; finished chunks are kept — rerun with --resume to continue {args.out}",
@@ -434,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     stain = sub.add_parser("stain", help="run a task over a slide or ROI into an OME-Zarr pyramid")
     stain.add_argument("slide")
     stain.add_argument("-o", "--out", required=True, help="output .ome.zarr path")
-    stain.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"), help="level-0 pixels")
+    where = stain.add_mutually_exclusive_group()
+    where.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"), help="level-0 pixels")
+    where.add_argument("--regions", metavar="GEOJSON", help="stain only these regions (QuPath's GeoJSON export: "
+                       "Polygons/MultiPolygons in level-0 px); pixels outside them stay background")
     stain.add_argument("--mpp", type=float, help="source pixel size (µm/px) when the file has none")
     stain.add_argument("--target-mpp", type=float, help="output pixel size (default: the model's own when it records one, else the source's)")
     _add_run_args(stain)

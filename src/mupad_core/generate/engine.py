@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -398,14 +398,21 @@ def output_kind(handle: ModelHandle) -> str:
 
 
 def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainConfig = StainConfig(),
-              progress: ProgressCallback | None = None, tissue_blocks: set[tuple[int, int]] | None = None) -> Path:
+              progress: ProgressCallback | None = None, tissue_blocks: set[tuple[int, int]] | None = None,
+              regions=None) -> Path:
     """Generate `config.task` over the ROI (or slide) of `reader` into an OME-Zarr at `out_path`.
+
+    `regions` (`slide.regions.Regions`, e.g. a QuPath GeoJSON export): only blocks touching a
+    region are generated, pixels outside every region stay background, the ROI defaults to
+    their bounding box, and the regions are recorded in the provenance.
 
     Blocks without tissue (`config.skip_background`; or not in `tissue_blocks` when given)
     are written as background instead of generated. Returns the final store path.
     """
     _check(config, handle)
     check_input(reader, handle)
+    if regions is not None and config.roi is None:
+        config = replace(config, roi=regions.bbox())
     roi, src_mpp, target_mpp, out_h, out_w = output_geometry(reader, config)
     scale = (target_mpp / src_mpp[0], target_mpp / src_mpp[1])
     pmap = pixel_map(reader, roi, target_mpp)
@@ -429,6 +436,8 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
                    **({"mpp_origin": reader.mpp_origin} if getattr(reader, "mpp_origin", "file") != "file" else {})},
         "software": f"napari-mupad {__version__}",
     }
+    if regions is not None:
+        provenance["regions"] = {"file": regions.source, "geojson": regions.as_geojson()}
     origin = output_origin(reader, roi, src_mpp, target_mpp)
     if handle.passthrough:  # a copy: the slide's own channels, names and dtype
         channels, dtype = int(reader.levels[0].shape[2]), np.dtype(reader.dtype)
@@ -465,7 +474,13 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
 
     def generated(block) -> bool:
         by, bx = block[0], block[1]
+        if regions is not None and not regions.touches(roi, scale, by, bx, min(b, out_h - by), min(b, out_w - bx)):
+            return False
         return not handle.passthrough and (tissue_blocks is None or (by // b, bx // b) in tissue_blocks)
+
+    def inside(by: int, bx: int, bh: int, bw: int):
+        """The block's pixels inside the regions (None: no regions, all kept)."""
+        return None if regions is None else regions.mask(roi, scale, by, bx, bh, bw)
 
     def source_box(by: int, bx: int, bh: int, bw: int) -> tuple[int, int, int, int]:
         """Output px box of the block plus the margin its stride-aligned windows need."""
@@ -514,16 +529,26 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
                     out, spread_pixels = mean_and_spread(pixels, one_channel=output_kind(handle) == "rgb")
             if spread is not None and spread_pixels is None:  # background or passthrough: nothing varies
                 spread_pixels = np.zeros((spread.shape[0], bh, bw), dtype=np.uint8)
-            writes.submit(write_finished_block, writer, done, spread, spread_done, by, bx, out, spread_pixels, chunks, c)
+            writes.submit(write_finished_block, writer, done, spread, spread_done, by, bx, out, spread_pixels, chunks, c,
+                          inside(by, bx, bh, bw), 255 if writer.kind == "rgb" else 0)
             writes.submit(report, n + 1)
     if spread is not None:
         spread.finalize()  # before the mean: a finished mean store means a finished spread too
     return writer.finalize()
 
 
-def write_finished_block(writer, done, spread, spread_done, by, bx, out, spread_pixels, chunks, c) -> None:
-    """Converts (float pixels in [0, 1] become uint8) and writes one block, in the writer thread."""
-    write_block(writer, done, by, bx, as_uint8(out), chunks, c)
+def write_finished_block(writer, done, spread, spread_done, by, bx, out, spread_pixels, chunks, c,
+                         keep: np.ndarray | None = None, background: int = 255) -> None:
+    """Converts (float pixels in [0, 1] become uint8) and writes one block, in the writer thread;
+    pixels outside `keep` (the regions asked for) are written as background."""
+    out = as_uint8(out)
+    if keep is not None and not keep.all():
+        out = out.copy()
+        out[:, ~keep] = background
+        if spread_pixels is not None:
+            spread_pixels = as_uint8(spread_pixels).copy()
+            spread_pixels[:, ~keep] = 0
+    write_block(writer, done, by, bx, out, chunks, c)
     if spread is not None:
         write_block(spread, spread_done, by, bx, as_uint8(spread_pixels), chunks, c)
     release_freed_memory()
