@@ -797,3 +797,44 @@ def test_cli_demo_and_widget_resolve_the_same_engine_settings(make_napari_viewer
     if model != "identity":  # the demo gives identity its own window; it records none
         assert {k: getattr(cli, k) for k in keys} == {k: getattr(demo, k) for k in keys}
     assert cli == StainConfig.for_model(model, task=cli.task, steps=12, batch_size=cli.batch_size)
+
+
+def test_geojson_regions_import_stain_and_export(slide_viewer, tmp_path, qtbot):
+    """QuPath's GeoJSON in, polygons as napari shapes, a stain that keeps only the polygons'
+    pixels, and the shapes back out as GeoJSON at the same level-0 coordinates."""
+    from mupad_core.slide.regions import read_regions
+
+    regions_file = Path(__file__).parent / "data" / "qupath-regions.geojson"
+    viewer = slide_viewer
+    widget = _widget(viewer, tmp_path, qtbot)
+    seen, stop = _notifications()
+    try:
+        layer = widget.import_geojson(regions_file)
+    finally:
+        stop()
+    assert any("holes" in m for m in _messages(seen))  # napari shapes have none: said, not silent
+    assert len(layer.data) == 3 and set(layer.shape_type) == {"polygon"}
+    exported = widget.export_geojson(tmp_path / "back.geojson")
+    original, back = read_regions(regions_file), read_regions(exported)
+    for a, b in zip(original.polygons, back.polygons):
+        ring = b.exterior[:-1] if np.array_equal(b.exterior[0], b.exterior[-1]) else b.exterior
+        np.testing.assert_allclose(ring[: len(a.exterior) - 1], a.exterior[:-1], atol=1e-3)
+
+    layer.data = [layer.data[1]]  # keep the triangle: (1000, 1000), (1300, 1000), (1000, 1300)
+    widget.region_combo.setCurrentText("Drawn rectangles")
+    widget.shapes_combo.setCurrentText(layer.name)
+    _run(widget, qtbot)
+    job = widget.jobs[0]
+    assert job.status == "done" and job.roi == (1000, 1000, 300, 300)
+    image = zarr.open_group(str(job.out), mode="r")["0"][:]
+    with open_slide_bundled() as reader:
+        source = reader.read_region(0, 1000, 1000, 300, 300).transpose(2, 0, 1)
+    np.testing.assert_array_equal(image[:, 20, 20], source[:, 20, 20])  # inside the triangle
+    assert (image[:, 280, 280] == 255).all()  # outside it, inside its box: background
+
+
+def open_slide_bundled():
+    from mupad_core.demo import sample_slide_path
+    from mupad_core.slide.readers import open_slide
+
+    return open_slide(sample_slide_path())

@@ -73,15 +73,37 @@ def world_box_to_roi(layer, top_left_world: Sequence[float], bottom_right_world:
     return int(x0), int(y0), int(x1 - x0), int(y1 - y0)
 
 
-def shape_world_boxes(shapes_layer, rectangles_only: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
-    """World (top-left, bottom-right) (y, x) boxes of a Shapes layer's rectangles (or all shapes' bounds)."""
+def shape_world_boxes(shapes_layer, rectangles_only: bool = True,
+                      kinds: tuple[str, ...] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """World (top-left, bottom-right) (y, x) boxes of a Shapes layer's rectangles (or of the
+    shapes of `kinds`, or of all shapes)."""
     boxes = []
     for verts, kind in zip(shapes_layer.data, shapes_layer.shape_type):
-        if rectangles_only and kind != "rectangle":
+        if (kinds is not None and kind not in kinds) or (kinds is None and rectangles_only and kind != "rectangle"):
             continue
         world = np.array([shapes_layer.data_to_world(v) for v in np.asarray(verts, dtype=float)])[:, -2:]
         boxes.append((world.min(axis=0), world.max(axis=0)))
     return boxes
+
+
+def shape_outlines_level0(shapes_layer, source_layer) -> list[tuple[str, np.ndarray]]:
+    """(kind, (N, 2) level-0 (x, y) outline) of each rectangle and polygon of a Shapes layer, in
+    the source's pixel-edge coordinates (GeoJSON's: pixel k spans [k, k + 1))."""
+    outlines = []
+    for verts, kind in zip(shapes_layer.data, shapes_layer.shape_type):
+        if kind not in ("rectangle", "polygon"):
+            continue
+        world = [shapes_layer.data_to_world(v) for v in np.asarray(verts, dtype=float)]
+        data = np.array([source_layer.world_to_data(np.pad(np.asarray(w)[-2:], (source_layer.ndim - 2, 0)))
+                         for w in world])[:, -2:]
+        outlines.append((kind, data[:, ::-1] + 0.5))  # (row, col) centres -> (x, y) edges
+    return outlines
+
+
+def level0_to_world(source_layer, points_xy: np.ndarray) -> np.ndarray:
+    """(N, 2) level-0 (x, y) pixel-edge coordinates -> (N, 2) world (y, x) on the source layer."""
+    data = np.asarray(points_xy, dtype=float)[:, ::-1] - 0.5
+    return np.array([np.asarray(source_layer.data_to_world(np.pad(d, (source_layer.ndim - 2, 0))))[-2:] for d in data])
 
 
 def overlay_placement(source_layer, roi: tuple[int, int, int, int], src_mpp_xy: tuple[float, float],

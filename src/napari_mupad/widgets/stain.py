@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import napari
+import numpy as np
 import napari.viewer
 from napari.layers import Image, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -89,7 +90,7 @@ class _Relay(QObject):
 
 
 def _stain_worker(slide_path: str, mpp: float | None, model: str, task: str, device: str, threads: int | None,
-                  jobs: list[tuple[int, tuple, str, bool]], engine: dict, cancel: threading.Event,
+                  jobs: list[tuple[int, tuple, str, bool, list | None]], engine: dict, cancel: threading.Event,
                   relay: _Relay) -> list:
     """Runs in a worker thread: load the model once, stain each ROI. Returns [(index, status, path)]."""
     match_torch_threads(threads)
@@ -99,8 +100,10 @@ def _stain_worker(slide_path: str, mpp: float | None, model: str, task: str, dev
 
     results = []
     handle = load_handle(model, task, device=resolve_device(device))
+    from mupad_core.slide.regions import Polygon, Regions
+
     with open_slide(slide_path, mpp=mpp) as reader:
-        for index, roi, out, resume in jobs:
+        for index, roi, out, resume, outline in jobs:
             if cancel.is_set():
                 results.append((index, "cancelled", out))
                 continue
@@ -112,7 +115,8 @@ def _stain_worker(slide_path: str, mpp: float | None, model: str, task: str, dev
 
             config = StainConfig(task=task, roi=tuple(roi), resume=resume, **engine)
             try:
-                final = run_stain(reader, handle, out, config, progress=progress)
+                regions = None if outline is None else Regions([Polygon(np.asarray(outline))], source="napari shape")
+                final = run_stain(reader, handle, out, config, progress=progress, regions=regions)
             except Cancelled:
                 results.append((index, "cancelled", out))
                 continue
@@ -132,6 +136,7 @@ class StainWidget(JobControls, QWidget):
         super().__init__(parent)
         self._init_job_state(napari_viewer, _Relay())
         self.jobs: list[StainJob] = []
+        self._job_polygons: list = []  # per ROI: a polygon outline (level-0 x, y) to mask by, or None
         self._source_name: str | None = None
         self._relay.block.connect(lambda *a: self._events.post(self._on_block, *a))
         self._relay.finished_job.connect(lambda *a: self._events.post(self._on_job_done, *a))
@@ -152,7 +157,12 @@ class StainWidget(JobControls, QWidget):
         self.region_combo = QComboBox()
         self.region_combo.addItems(REGIONS)
         self.shapes_combo = QComboBox()
-        self.shapes_combo.setToolTip("Shapes layer whose rectangles are the ROIs (each is its own run)")
+        self.shapes_combo.setToolTip("Shapes layer whose rectangles and polygons are the ROIs (each is its own run; "
+                                     "pixels outside a polygon stay background)")
+        self.import_regions = QPushButton("Import…")
+        self.import_regions.setToolTip("regions from a GeoJSON file (QuPath: Export objects as GeoJSON) as a Shapes layer")
+        self.export_regions = QPushButton("Export…")
+        self.export_regions.setToolTip("the chosen Shapes layer as GeoJSON in level-0 pixels (QuPath imports it)")
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(1, 1000)
         self.steps_spin.setValue(20)
@@ -218,7 +228,11 @@ class StainWidget(JobControls, QWidget):
         model_row.addWidget(self.model_browse)
         form.addRow("Model", model_row)
         form.addRow("Region", self.region_combo)
-        form.addRow("ROI shapes", self.shapes_combo)
+        shapes_row = QHBoxLayout()
+        shapes_row.addWidget(self.shapes_combo, 1)
+        shapes_row.addWidget(self.import_regions)
+        shapes_row.addWidget(self.export_regions)
+        form.addRow("ROI shapes", shapes_row)
         form.addRow("Steps", self.steps_spin)
         form.addRow("Seed", self.seed_spin)
         form.addRow("Samples", self.samples_spin)
@@ -238,6 +252,8 @@ class StainWidget(JobControls, QWidget):
         self._lay_out(form)
 
         self.model_browse.clicked.connect(self._browse_model)
+        self.import_regions.clicked.connect(self._import_regions_dialog)
+        self.export_regions.clicked.connect(self._export_regions_dialog)
         self.output_browse.clicked.connect(self._browse_output)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
@@ -308,6 +324,7 @@ class StainWidget(JobControls, QWidget):
         if source is None:
             raise ValueError("no source slide layer: open a slide (a layer with a file path) first")
         region = self.region_combo.currentText()
+        self._job_polygons = []
         if region == "Whole slide":
             height, width = geo.level0_shape(source)
             return [(0, 0, width, height)]
@@ -320,15 +337,22 @@ class StainWidget(JobControls, QWidget):
                        if isinstance(lay, Shapes) and lay.name == self.shapes_combo.currentText()), None)
         if shapes is None:
             raise ValueError("no Shapes layer chosen: draw rectangles in a Shapes layer first")
-        boxes = geo.shape_world_boxes(shapes)
-        if not boxes:
-            raise ValueError(f"Shapes layer '{shapes.name}' has no rectangles")
-        rois = [geo.world_box_to_roi(source, tl, br) for tl, br in boxes]
-        kept = [r for r in rois if r is not None]
-        if len(kept) < len(rois):
-            show_warning(f"{len(rois) - len(kept)} rectangle(s) lie outside the source slide and are skipped")
+        outlines = geo.shape_outlines_level0(shapes, source)
+        boxes = geo.shape_world_boxes(shapes, rectangles_only=False, kinds=("rectangle", "polygon"))
+        if not outlines:
+            raise ValueError(f"Shapes layer '{shapes.name}' has no rectangles or polygons")
+        kept, self._job_polygons = [], []
+        for (kind, outline), (tl, br) in zip(outlines, boxes):
+            roi = geo.world_box_to_roi(source, tl, br)  # pixels whose centres lie in the shape's box
+            if roi is None:
+                continue
+            kept.append(roi)
+            # A rectangle is its box; any other outline also masks the pixels outside it.
+            self._job_polygons.append(None if kind == "rectangle" else outline.round(3).tolist())
+        if len(kept) < len(outlines):
+            show_warning(f"{len(outlines) - len(kept)} shape(s) lie outside the source slide and are skipped")
         if not kept:
-            raise ValueError("no rectangle overlaps the source slide")
+            raise ValueError("no shape overlaps the source slide")
         return kept
 
     # -- run -------------------------------------------------------------------------
@@ -375,10 +399,62 @@ class StainWidget(JobControls, QWidget):
         worker = create_worker(
             _stain_worker, str(source.metadata["path"]), slide_mpp, model, task,
             self.device_combo.currentText(), main_thread_torch_threads(),
-            [(j.index, j.roi, str(j.out), j.resume) for j in self.jobs], engine, self._cancel, self._relay,
+            [(j.index, j.roi, str(j.out), j.resume, self._job_polygons[j.index] if self._job_polygons else None)
+             for j in self.jobs], engine, self._cancel, self._relay,
             _start_thread=False, _ignore_errors=True,
         )
         self._launch(worker, total=0, status=f"loading model {model} …")  # busy until the first block reports
+
+    def _import_regions_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import regions", "", "GeoJSON (*.geojson *.json)")
+        if path:
+            try:
+                self.import_geojson(path)
+            except (OSError, ValueError) as exc:
+                show_error(str(exc))
+
+    def _export_regions_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export regions", "regions.geojson", "GeoJSON (*.geojson)")
+        if path:
+            try:
+                show_info(f"wrote {self.export_geojson(path)}")
+            except (OSError, ValueError) as exc:
+                show_error(str(exc))
+
+    def import_geojson(self, path: str | Path) -> Shapes:
+        """Regions of a GeoJSON file (QuPath's export, level-0 px) as a Shapes layer on the source."""
+        from mupad_core.slide.regions import read_regions
+
+        source = self.source_layer()
+        if source is None:
+            raise ValueError("open the slide the regions belong to first")
+        height, width = geo.level0_shape(source)
+        regions = read_regions(path, slide_size=(width, height))
+        outlines = [geo.level0_to_world(source, p.exterior) for p in regions.polygons]
+        if any(p.holes for p in regions.polygons):
+            show_warning(f"{Path(path).name}: napari shapes have no holes; the holes are dropped from the layer")
+        layer = self.viewer.add_shapes(outlines, shape_type="polygon", name=Path(path).stem, edge_color="yellow",
+                                       face_color="transparent", **geo.layer_units(source))
+        self.shapes_combo.setCurrentText(layer.name)
+        return layer
+
+    def export_geojson(self, path: str | Path) -> Path:
+        """The chosen Shapes layer as GeoJSON polygons in the source's level-0 px (QuPath imports it)."""
+        import json
+
+        from mupad_core.slide.regions import Polygon, Regions
+
+        source = self.source_layer()
+        shapes = next((lay for lay in self.viewer.layers
+                       if isinstance(lay, Shapes) and lay.name == self.shapes_combo.currentText()), None)
+        if source is None or shapes is None:
+            raise ValueError("choose the source slide and a Shapes layer to export")
+        outlines = geo.shape_outlines_level0(shapes, source)
+        if not outlines:
+            raise ValueError(f"Shapes layer '{shapes.name}' has no rectangles or polygons")
+        path = Path(path)
+        path.write_text(json.dumps(Regions([Polygon(o) for _, o in outlines]).as_geojson(), indent=1))
+        return path
 
     def settings(self, model: str, task: str) -> StainConfig:
         """The run's engine settings from the form: `StainConfig.for_model`, as the CLI and demo."""
