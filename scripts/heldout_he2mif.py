@@ -68,12 +68,17 @@ def main() -> None:
     rows = {"colour deconvolution (floor)": {"patch_pcc": patch_pearson(floor, target).tolist(),
                                              "tile_pcc": tile_mean_box_pcc(floor, target).tolist(),
                                              "pcc": pearson(floor, target).tolist()}}
+    from mupad_core.generate.config import model_pipeline
+
     for model in args.model:
+        one_pass = model_pipeline(model).get("kind") in ("pix2pix", "cyclegan")  # deterministic: one sample
+        samples = 1 if one_pass else args.samples
         with tempfile.TemporaryDirectory() as keep:
-            summary = evaluate_heldout(model, manifest, "he2mif", MPP, steps=args.steps, samples=args.samples,
+            summary = evaluate_heldout(model, manifest, "he2mif", MPP, steps=args.steps, samples=samples,
                                        keep=Path(keep))
             prediction = zarr.open_group(str(Path(keep) / "val_0.ome.zarr"), mode="r")["0"][:].transpose(1, 2, 0)
-        label = f"{model} ({args.steps} steps" + (f", mean of {args.samples}" if args.samples > 1 else "") + ")"
+        label = f"{model} (one pass)" if one_pass else \
+            f"{model} ({args.steps} steps" + (f", mean of {samples}" if samples > 1 else "") + ")"
         rows[label] = {"patch_pcc": [summary["patch_pcc"][m] for m in summary["channels"]],
                        "tile_pcc": tile_mean_box_pcc(prediction.astype(np.float64), target).tolist(),
                        "pcc": [summary["pcc"][m] for m in summary["channels"]]}
