@@ -119,8 +119,9 @@ def sample(
 ) -> SampleResult:
     """Integrate from `noise` (at t_start) to data (at t_end).
 
-    `sde_noise(step, shape)` supplies the Brownian increments' standard normals; the
-    whole-slide engine uses it to draw them on a global canvas instead of per tile.
+    `sde_noise(step, shape)` supplies the Brownian increments' standard normals, for a caller
+    that must draw them itself (e.g. from a global canvas, so tiles agree). The whole-slide
+    engine does not call this function: it has its own step loop over fused windows.
     """
     schedule = as_schedule(guidance)
     velocity = GuidedVelocity(model, conditions, concat, guidance_drop)
