@@ -131,7 +131,8 @@ def load_model(path_or_id: str | Path, *, device=None, dtype=None) -> MupadSiT:
     return model.eval()
 
 
-def check_state_dict(model: torch.nn.Module, state: dict, source: Path) -> None:
+def state_dict_problems(model: torch.nn.Module, state: dict) -> list[str]:
+    """What keeps `state` from loading strictly into `model`: missing, unexpected and misshapen tensors."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -147,6 +148,11 @@ def check_state_dict(model: torch.nn.Module, state: dict, source: Path) -> None:
         problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:3])}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es), e.g. {'; '.join(mismatched[:3])}")
+    return problems
+
+
+def check_state_dict(model: torch.nn.Module, state: dict, source: Path) -> None:
+    problems = state_dict_problems(model, state)
     if problems:
         raise CheckpointError(f"{source}: weights do not match config.json — " + "; ".join(problems))
 

@@ -101,18 +101,10 @@ def build_taef2(folder: str | Path):
         state = upstream_to_diffusers(encoder, decoder)
     except ValueError as exc:  # a decoder key that is not numbered
         raise VAEError(f"{folder / DECODER_FILE}: not TAEF2's key layout ({exc})") from exc
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [k for k in expected.keys() & state.keys() if tuple(expected[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing tensor(s), e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:3])}")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatch(es), e.g. {', '.join(sorted(mismatched)[:3])}")
+    from .checkpoint import state_dict_problems
+
+    problems = state_dict_problems(model, state)
+    if problems:
         raise VAEError(f"{folder}: not TAEF2 weights — " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
