@@ -16,6 +16,7 @@ each translation to its input (structure kept). Few crops: read the intervals.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,7 @@ def main() -> None:
     from mupad_core.generate.roi import load_generator
     from mupad_core.generate.translate import TranslateSettings, translate_region
 
-    sys_path = REPO / "scripts"
-    import sys
-
-    sys.path.insert(0, str(sys_path))
+    sys.path.insert(0, str(REPO / "scripts"))  # the held-out crops are read as heldout_text2he reads them
     from heldout_text2he import load_crops, read_rows
 
     torch.set_grad_enabled(False)

@@ -107,7 +107,6 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print, models
     return summary
 
 
-# Captions of the kind demo-text2he was trained on (docs/training.md: MoNuSeg + GlaS captions).
 def demo_stain_config(model: str, task: str, config: DemoConfig = DemoConfig()):
     """The defaults every entry point shares (`StainConfig.for_model`); the demo's own window
     only for a model that names none."""
@@ -118,6 +117,7 @@ def demo_stain_config(model: str, task: str, config: DemoConfig = DemoConfig()):
                                  window_px=window)
 
 
+# Captions of the kind demo-text2he was trained on (docs/training.md: MoNuSeg + GlaS captions).
 DEMO_PROMPTS = ("H&E FFPE section of colon adenocarcinoma, malignant glands, moderately differentiated",
                 "H&E FFPE section of breast invasive carcinoma")
 

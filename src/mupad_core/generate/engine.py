@@ -20,6 +20,7 @@ import math
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -530,7 +531,8 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
             if spread is not None and spread_pixels is None:  # background or passthrough: nothing varies
                 spread_pixels = np.zeros((spread.shape[0], bh, bw), dtype=np.uint8)
             writes.submit(write_finished_block, writer, done, spread, spread_done, by, bx, out, spread_pixels, chunks, c,
-                          inside(by, bx, bh, bw), 255 if writer.kind == "rgb" else 0)
+                          None if regions is None else partial(inside, by, bx, bh, bw),
+                          255 if writer.kind == "rgb" else 0)
             writes.submit(report, n + 1)
     if spread is not None:
         spread.finalize()  # before the mean: a finished mean store means a finished spread too
@@ -538,10 +540,12 @@ def run_stain(reader, handle: ModelHandle, out_path: str | Path, config: StainCo
 
 
 def write_finished_block(writer, done, spread, spread_done, by, bx, out, spread_pixels, chunks, c,
-                         keep: np.ndarray | None = None, background: int = 255) -> None:
+                         keep_mask: Callable[[], np.ndarray] | None = None, background: int = 255) -> None:
     """Converts (float pixels in [0, 1] become uint8) and writes one block, in the writer thread;
-    pixels outside `keep` (the regions asked for) are written as background."""
+    pixels outside `keep_mask()` (the regions asked for, rasterised here, off the sampling
+    thread) are written as background."""
     out = as_uint8(out)
+    keep = keep_mask() if keep_mask is not None else None
     if keep is not None and not keep.all():
         out = out.copy()
         out[:, ~keep] = background
