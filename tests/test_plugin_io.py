@@ -368,6 +368,44 @@ def test_export_channel_layers_round_trips_as_one_mif_store(make_napari_viewer, 
     assert tuple(reopened[0].contrast_limits) == MIF_WINDOWS[0]
 
 
+def test_export_rgb_layer_to_pyramidal_ome_tiff(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(bundled_slide_path(), plugin=PLUGIN)
+    layer.metadata["provenance"] = {**GENERATED, "task": "he2ihc"}
+    out = tmp_path / "for-qupath.ome.tif"
+
+    assert viewer.layers.save(str(out), plugin=PLUGIN) == [str(out)]
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["for-qupath.ome.tif"]  # no stage left behind
+    with tifffile.TiffFile(out) as tif:
+        assert tif.is_ome and len(tif.series[0].levels) >= 2
+        from ome_types import from_xml
+
+        record = {m.k: m.value for m in from_xml(tif.ome_metadata, validate=True).structured_annotations
+                  .map_annotations[0].value.ms}
+    assert record["model_id"] == GENERATED["model_id"] and record["task"] == "he2ihc"
+    (reopened,) = viewer.open(out, plugin=PLUGIN)
+    assert tuple(reopened.scale) == pytest.approx(tuple(layer.scale))
+    np.testing.assert_array_equal(reopened.data[0].compute(), layer.data[0].compute())
+
+
+def test_export_channel_layers_to_one_ome_tiff(make_napari_viewer, tmp_path):
+    source = tmp_path / "panel.ome.zarr"
+    image = write_mif_store(source)
+    viewer = make_napari_viewer()
+    viewer.open(source, plugin=PLUGIN)
+    out = tmp_path / "panel.ome.tiff"
+
+    assert viewer.layers.save(str(out), plugin=PLUGIN) == [str(out)]
+
+    viewer.layers.clear()
+    reopened = viewer.open(out, plugin=PLUGIN)
+    assert [layer.name for layer in reopened] == MIF_NAMES
+    for index, layer in enumerate(reopened):
+        np.testing.assert_array_equal(layer.data[0].compute(), image[index])
+        assert brightest_rgb(layer) == pytest.approx(hex_rgb(MIF_COLORS[index]))
+
+
 def test_single_channel_export_keeps_name_colour_and_scale(tmp_path):
     pixels = np.arange(300 * 200, dtype=np.uint16).reshape(300, 200)
     meta = {

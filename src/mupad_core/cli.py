@@ -113,6 +113,10 @@ def _cmd_stain(args) -> int:
     _resolve_task(args)
     device = _resolve_device(args.device)
     handle = load_handle(args.model, args.task, device=device)
+    tiff = _writes_ome_tiff(args)
+    store = _tiff_work_store(args.out) if tiff else Path(args.out)
+    if tiff and Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it")
     config = _stain_config(args, roi=tuple(args.roi) if args.roi else None, target_mpp=args.target_mpp)
     if config.target_mpp and not args.target_mpp and not args.quiet:
         print(f"mupad: output at the model's own {config.target_mpp:g} µm/px (--target-mpp to change)",
@@ -131,18 +135,90 @@ def _cmd_stain(args) -> int:
             bar.refresh()
 
         try:
-            out = run_stain(reader, handle, args.out, config, progress=progress, regions=regions)
+            if tiff and config.resume and store.exists():
+                out = store  # stained before; the export was interrupted
+            else:
+                out = run_stain(reader, handle, store, config, progress=progress, regions=regions)
+            bar.close()
+            stores = [out]
+            if config.samples > 1:
+                from .store import spread_path
+
+                stores.append(spread_path(out))
+            results = [_export_tiff(path, args.overwrite, args.quiet) if tiff else path for path in stores]
         except KeyboardInterrupt:
             bar.close()
             print(f"mupad: interrupted; finished chunks are kept — rerun with --resume to continue {args.out}",
                   file=sys.stderr)
             return 130
-        bar.close()
-    print(out)
-    if config.samples > 1:
-        from .generate.engine import spread_path
+    for path in results:
+        print(path)
+    return 0
 
-        print(spread_path(out))
+
+def _writes_ome_tiff(args) -> bool:
+    """--format ome-tiff, or no --format and an output named .ome.tif(f)."""
+    from .store.ometiff import is_ome_tiff_path
+
+    fmt = args.format or ("ome-tiff" if is_ome_tiff_path(args.out) else "ome-zarr")
+    if fmt == "ome-tiff" and not is_ome_tiff_path(args.out):
+        raise ValueError(f"--format ome-tiff: the output {args.out} must end in .ome.tif or .ome.tiff")
+    if fmt != "ome-tiff" and is_ome_tiff_path(args.out):
+        raise ValueError(f"--format {fmt}: the output {args.out} is named like an OME-TIFF")
+    return fmt == "ome-tiff"
+
+
+def _ngff_version(args) -> str:
+    """--ngff-version, or the older spelling --format 0.4 / 0.5."""
+    return args.format if args.format in ("0.4", "0.5") else args.ngff_version
+
+
+def _tiff_work_store(out: str) -> Path:
+    """Where an OME-TIFF run stains first: an OME-Zarr beside it that resumes like any run,
+    converted when finished and then removed."""
+    return Path(out).with_name(Path(out).name + ".work.ome.zarr")
+
+
+def _export_tiff(store: Path, overwrite: bool, quiet: bool) -> Path:
+    import shutil
+
+    from .slide.readers import open_slide
+    from .store.ometiff import export_ome_tiff
+
+    name = store.name.removesuffix(".work.ome.zarr")
+    if name == store.name:  # a spread store: NAME.ome.tif.work.spread.ome.zarr
+        name = store.name.replace(".work.spread.ome.zarr", "").removesuffix(".ome.tif").removesuffix(".ome.tiff")
+        name += ".spread.ome.tif"
+    out = store.with_name(name)
+    with open_slide(store, require_mpp=False) as reader:
+        export_ome_tiff(reader, out, overwrite=overwrite, progress=None if quiet else _tile_bar(out))
+    shutil.rmtree(store)
+    return out
+
+
+def _tile_bar(out: Path):
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="tile", desc=f"OME-TIFF {out.name}")
+
+    def progress(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done == total:
+            bar.close()
+
+    return progress
+
+
+def _cmd_export(args) -> int:
+    from .slide.readers import open_slide
+    from .store.ometiff import export_ome_tiff
+
+    with open_slide(args.store, mpp=args.mpp, require_mpp=False) as reader:
+        out = export_ome_tiff(reader, args.out, tile=args.tile, compression=args.compression,
+                              overwrite=args.overwrite, progress=None if args.quiet else _tile_bar(Path(args.out)))
+    print(out)
     return 0
 
 
@@ -150,6 +226,9 @@ def _cmd_stain_batch(args) -> int:
     from .generate.batch import stain_batch
 
     _resolve_task(args)
+    if args.format == "ome-tiff":
+        raise ValueError("stain-batch writes OME-Zarr stores; convert the ones you need with "
+                         "`mupad export STORE.ome.zarr OUT.ome.tif`")
     config = _stain_config(args)
     total = len(args.slides)
 
@@ -365,7 +444,11 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                         help="sample windows without tissue inside tissue blocks like the rest, instead of steering "
                              "them to plain background without a network pass (the default; also resumes a store "
                              "started before 0.1.0.dev1, which sampled them)")
-    parser.add_argument("--format", choices=("0.4", "0.5"), default="0.4", help="OME-Zarr (NGFF) version")
+    parser.add_argument("--format", choices=("ome-zarr", "ome-tiff", "0.4", "0.5"),
+                        help="ome-zarr, or ome-tiff: a pyramidal OME-TIFF that QuPath opens as an overlay "
+                             "(default: from the output's extension, .ome.tif(f) or .ome.zarr)")
+    parser.add_argument("--ngff-version", choices=("0.4", "0.5"), default="0.4",
+                        help="OME-Zarr (NGFF) version (default 0.4: more readers understand it)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its finished chunks")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
@@ -403,7 +486,7 @@ def _stain_config(args, target_mpp: float | None = None, **extra):
     read_workers = args.read_workers or (_spare_cores() if _resolve_device(args.device) == "cuda" else 1)
     return StainConfig.for_model(
         args.model, task=args.task, steps=args.steps, method=args.sampler, guidance=args.guidance,
-        guidance_schedule=args.guidance_schedule, seed=args.seed, batch_size=args.batch_size, version=args.format,
+        guidance_schedule=args.guidance_schedule, seed=args.seed, batch_size=args.batch_size, version=_ngff_version(args),
         resume=args.resume, overwrite=args.overwrite, window_px=args.window_px, overlap_px=args.overlap_px,
         block_px=args.block_px, samples=args.samples, strength=args.strength, target_mpp=target_mpp,
         read_workers=read_workers, skip_glass_windows=not args.sample_glass, **extra,
@@ -436,9 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
 
-    stain = sub.add_parser("stain", help="run a task over a slide or ROI into an OME-Zarr pyramid")
+    stain = sub.add_parser("stain", help="run a task over a slide or ROI into an OME-Zarr or OME-TIFF pyramid")
     stain.add_argument("slide")
-    stain.add_argument("-o", "--out", required=True, help="output .ome.zarr path")
+    stain.add_argument("-o", "--out", required=True, help="output .ome.zarr (or .ome.tif for QuPath) path")
     where = stain.add_mutually_exclusive_group()
     where.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"), help="level-0 pixels")
     where.add_argument("--regions", metavar="GEOJSON", help="stain only these regions (QuPath's GeoJSON export: "
@@ -552,6 +635,18 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--model", default="demo-text2he", help="text-conditioned model: bundled id, folder or hub id")
     _add_sampling_args(pairs)
     pairs.set_defaults(func=_cmd_synth_pairs)
+
+    export = sub.add_parser("export", help="an OME-Zarr result (or any slide we read) as a pyramidal OME-TIFF "
+                            "for QuPath and other viewers")
+    export.add_argument("store", help="the .ome.zarr (or any slide file) to convert")
+    export.add_argument("out", help="output .ome.tif / .ome.tiff")
+    export.add_argument("--compression", choices=("zlib", "jpeg", "lzw", "zstd", "none"), default="zlib",
+                        help="tile compression (default zlib: lossless; jpeg for smaller RGB files)")
+    export.add_argument("--tile", type=int, default=512, help="tile side in pixels, a multiple of 16 (default 512)")
+    export.add_argument("--mpp", type=float, help="pixel size (µm/px) when the source has none")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    export.set_defaults(func=_cmd_export)
 
     models = sub.add_parser("models", help="the bundled and cached models, with the tasks each supports")
     models.add_argument("--json", action="store_true", help="machine-readable output")

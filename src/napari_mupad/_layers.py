@@ -135,11 +135,13 @@ def omero_channels(properties: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def channel_color(reader: SlideReader, index: int, omero: dict[str, Any]) -> str:
-    """RRGGBB of a channel: the file's omero colour, RGB order for OpenSlide's RGB-packed
+    """RRGGBB of a channel: the file's omero colour or OME-XML Color, RGB order for OpenSlide's RGB-packed
     fluorescence (NDPI), else the writer's marker palette by position."""
     color = str(omero.get("color", "")).lstrip("#").upper()
     if len(color) == 6 and all(char in "0123456789ABCDEF" for char in color):
         return color
+    if reader.channel_colors and index < len(reader.channel_colors):
+        return reader.channel_colors[index]
     if reader.backend == "openslide" and len(reader.channel_names) == 3:
         return RGB_CHANNELS[index][1]
     return FLUORESCENCE_COLORS[index % len(FLUORESCENCE_COLORS)]

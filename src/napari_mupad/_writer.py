@@ -1,4 +1,5 @@
-"""npe2 writers: image layers to OME-Zarr through `mupad_core.store.PyramidWriter`.
+"""npe2 writers: image layers to OME-Zarr through `mupad_core.store.PyramidWriter`, and to
+pyramidal OME-TIFF (for QuPath) through that store and `mupad_core.store.ometiff`.
 
 One RGB or single-channel layer becomes one image; several single-channel layers (an mIF
 panel) become one multichannel image with their names, colours and contrast windows.
@@ -88,6 +89,36 @@ def write_channel_layers(path: str, layer_data: Sequence[FullLayerData]) -> list
     )
     stream_regions(writer, lambda rows, cols: np.stack(dask.compute(*(level0[rows, cols] for level0 in channels))))
     return [str(writer.finalize())]
+
+
+def write_image_layer_ome_tiff(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """One image layer to a pyramidal OME-TIFF at `path`."""
+    return _as_ome_tiff(path, lambda stage: write_image_layer(stage, data, meta))
+
+
+def write_channel_layers_ome_tiff(path: str, layer_data: Sequence[FullLayerData]) -> list[str]:
+    """Single-channel layers of one size to one multichannel pyramidal OME-TIFF at `path`."""
+    return _as_ome_tiff(path, lambda stage: write_channel_layers(stage, layer_data))
+
+
+def _as_ome_tiff(path: str, write_store: Callable[[str], list[str]]) -> list[str]:
+    """Stage the layers as an OME-Zarr beside `path` (streamed, pyramid built on disk), then
+    convert it tile by tile: both steps keep memory flat, and the stage is removed after."""
+    import shutil
+    from pathlib import Path
+
+    from mupad_core.slide.readers.omezarr_reader import OmeZarrReader
+    from mupad_core.store.ometiff import export_ome_tiff
+
+    stage = Path(path).with_name(Path(path).name + ".work.ome.zarr")
+    try:
+        write_store(str(stage))
+        reader = OmeZarrReader(stage, require_mpp=False)
+        export_ome_tiff(reader, path, overwrite=True)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)
+    return [str(path)]
 
 
 def layer_level0(data: Any, meta: dict[str, Any]) -> Any:

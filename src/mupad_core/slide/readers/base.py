@@ -269,6 +269,8 @@ class SlideReader(abc.ABC):
     # (y, x) of level-0 pixel (0, 0)'s centre in the file's world, µm (pixels without a size):
     # non-zero for OME-Zarr results of a region, which lie where the region lies on its slide.
     origin: tuple[float, float] = (0.0, 0.0)
+    # RRGGBB per channel when the file states display colours (OME-Zarr omero, OME-XML Color).
+    channel_colors: list[str] | None = None
 
     def __init__(
         self,

@@ -106,7 +106,9 @@ class OmeZarrReader(SlideReader):
         ]
         y, x = axes.index("Y"), axes.index("X")
         levels = [self._level(path, array, index, axes) for index, array in enumerate(arrays)]
-        labels = [str(channel.get("label", "")) for channel in ngff.get("omero", {}).get("channels", [])]
+        omero_channels = ngff.get("omero", {}).get("channels", [])
+        labels = [str(channel.get("label", "")) for channel in omero_channels]
+        colors = [str(channel.get("color", "")).lstrip("#").upper() for channel in omero_channels]
         channels = levels[0].shape[2]
         rgb_labels = not labels or tuple(label.lower() for label in labels) in RGB_LABELS
         kind: Kind = "brightfield" if channels == 3 and levels[0].dtype == np.uint8 and rgb_labels else "fluorescence"
@@ -127,6 +129,8 @@ class OmeZarrReader(SlideReader):
             properties=attributes,
         )
         self.ngff_version = str(ngff.get("version") or multiscale.get("version") or "")
+        if len(colors) == channels and all(len(c) == 6 for c in colors):
+            self.channel_colors = colors
         self.origin = self._origin(multiscale, global_scale, y, x, len(axes))
 
     @staticmethod

@@ -74,7 +74,7 @@ def _ome_children(element: ElementTree.Element, name: str) -> list[ElementTree.E
 def parse_ome(xml: str) -> dict[str, Any]:
     """Pixel size (µm), channel names and objective power of the first OME Image."""
     root = ElementTree.fromstring(xml)
-    result: dict[str, Any] = {"mpp": None, "channel_names": [], "objective_power": None}
+    result: dict[str, Any] = {"mpp": None, "channel_names": [], "channel_colors": [], "objective_power": None}
     pixels = _ome_children(root, "Pixels")
     if pixels:
         sizes = []
@@ -86,11 +86,21 @@ def parse_ome(xml: str) -> dict[str, Any]:
             sizes.append(float(value) * OME_LENGTH_UNITS_UM[unit])
         if len(sizes) == 2:
             result["mpp"] = (sizes[0], sizes[1])
-        result["channel_names"] = [channel.get("Name", "") for channel in _ome_children(pixels[0], "Channel")]
+        channels = _ome_children(pixels[0], "Channel")
+        result["channel_names"] = [channel.get("Name", "") for channel in channels]
+        result["channel_colors"] = [ome_color_hex(channel.get("Color")) for channel in channels]
     objectives = [o.get("NominalMagnification") for o in _ome_children(root, "Objective")]
     if objectives and objectives[0]:
         result["objective_power"] = float(objectives[0])
     return result
+
+
+def ome_color_hex(value: str | None) -> str | None:
+    """RRGGBB of an OME Color (a signed 32-bit RGBA integer), None when absent or malformed."""
+    try:
+        return f"{(int(value) & 0xFFFFFFFF) >> 8:06X}" if value is not None else None
+    except ValueError:
+        return None
 
 
 def tiff_resolution_mpp(page: tifffile.TiffPage) -> tuple[float, float] | None:
@@ -183,6 +193,9 @@ class TiffFileReader(SlideReader):
             associated_images=self._associated_images(),
             properties=self._properties(first_page),
         )
+        colors = ome["channel_colors"] if ome else []
+        if len(colors) == channels and all(colors):
+            self.channel_colors = colors
 
     def _yxc_level(self, path: Path, series: tifffile.TiffPageSeries, index: int) -> da.Array:
         source = zarr.open_array(series.aszarr(level=index), mode="r")
