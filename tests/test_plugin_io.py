@@ -236,6 +236,24 @@ def test_reader_function_fails_at_open_when_tiles_cannot_be_read(shared_data):
 # -- sample data ---------------------------------------------------------------------------
 
 
+def test_a_big_flat_png_opens_as_a_cached_multiscale_layer(make_napari_viewer, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from mupad_core.slide.readers import overview_cache
+
+    monkeypatch.setenv("MUPAD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(overview_cache, "MIN_FLAT_SIDE_PX", 1500)  # stands in for a 40k² image
+    with openslide.OpenSlide(str(bundled_slide_path())) as slide:
+        pixels = np.asarray(slide.read_region((0, 0), 0, (2220, 2967)).convert("RGB"))
+    path = tmp_path / "big.png"
+    Image.fromarray(pixels).save(path)
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(path, plugin=PLUGIN)
+    assert layer.multiscale and len(layer.data) == 2  # level 0 and 4x, both from the cache
+    assert all(level.name.startswith("overview-") for level in layer.data)  # the PNG is not decoded again
+    np.testing.assert_array_equal(layer.data[0][:64, :64].compute(), pixels[:64, :64])
+
+
 def test_sample_data_is_the_bundled_cc0_slide(make_napari_viewer):
     manifest = PluginManifest.from_distribution(PLUGIN)
     (sample,) = [s for s in manifest.contributions.sample_data if s.key == "cmu1-small-region"]

@@ -84,11 +84,12 @@ def open_for_viewing(path: Path) -> SlideReader:
     """Open lazily; a file without a pixel size opens in pixels with a warning; any failure
     is a one-line `SlideError` naming the file."""
     try:
-        try:
-            reader = open_slide(path)
-        except MissingPixelSizeError as error:
-            reader = open_slide(path, require_mpp=False)
-            warn_no_pixel_size(path, error)
+        with OverviewProgress(path) as progress:
+            try:
+                reader = open_slide(path, progress=progress)
+            except MissingPixelSizeError as error:
+                reader = open_slide(path, require_mpp=False, progress=progress)
+                warn_no_pixel_size(path, error)
         try:
             reader.levels[-1][:1, :1].compute(scheduler="sync")
         except BaseException:
@@ -99,6 +100,30 @@ def open_for_viewing(path: Path) -> SlideReader:
         raise
     except Exception as error:  # a decoder's or zarr's own complaint about a damaged file
         raise SlideError(path, f"cannot be opened: {type(error).__name__}: {error}") from error
+
+
+class OverviewProgress:
+    """napari's progress bar for the one-time overview of a big flat image (nothing shown for
+    slides that have a pyramid: the callback is never called)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from napari.utils import progress
+
+            self.bar = progress(total=total, desc=f"{self.path.name}: overview levels (once; cached)")
+        self.bar.n = done
+        self.bar.refresh()
+
+    def __enter__(self) -> OverviewProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def warn_no_pixel_size(path: Path, error: MissingPixelSizeError) -> None:

@@ -19,6 +19,7 @@ import tifffile
 from mupad_core.slide.readers.base import MissingPixelSizeError, MppLike, SlideError, SlideReader
 from mupad_core.slide.readers.omezarr_reader import OmeZarrReader, is_ome_zarr_folder
 from mupad_core.slide.readers.openslide_reader import OpenSlideReader
+from mupad_core.slide.readers.overview_cache import Progress, add_overview
 from mupad_core.slide.readers.tifffile_reader import PlainImageReader, TiffFileReader
 
 __all__ = [
@@ -49,13 +50,28 @@ def open_slide(
     backend: str | None = None,
     *,
     require_mpp: bool = True,
+    overview: bool = True,
+    progress: Progress | None = None,
 ) -> SlideReader:
     """Open a slide lazily with the backend its file type calls for.
 
     `mpp` (µm per level-0 pixel, a number or an (x, y) pair) overrides the file's pixel
     size with a warning when they differ; a file without one needs it, else
     `MissingPixelSizeError` (``require_mpp=False`` opens it anyway with ``mpp=None``, for
-    viewing). Every failure to open is a `SlideError` naming the file."""
+    viewing). Every failure to open is a `SlideError` naming the file. A big image without
+    a pyramid gets cached coarse levels (`overview_cache`; built on its first open, with
+    `progress(done, total)`) unless ``overview=False``."""
+    reader = _open(path, mpp, backend, require_mpp)
+    if overview:
+        try:
+            add_overview(reader, progress)
+        except BaseException:
+            reader.close()
+            raise
+    return reader
+
+
+def _open(path: str | os.PathLike, mpp: MppLike | None, backend: str | None, require_mpp: bool) -> SlideReader:
     path = Path(path).expanduser()
     if not path.exists():
         raise SlideError(path, "does not exist")

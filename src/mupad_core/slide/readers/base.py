@@ -195,6 +195,59 @@ class GuardedArray:
             ) from error
 
 
+class ContiguousPixels:
+    """Array-like over uncompressed pixels stored contiguously in a file (a flat TIFF written in
+    one strip, or strips back to back): each read is a few `pread`s of just the bytes asked for.
+
+    A memory map would do the same reads but keep every page it touched resident, so an overview
+    of a 40k² image would hold gigabytes; tifffile's zarr view would decode the whole strip."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.path = Path(path)
+        self.offset = int(offset)
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        ranges = []
+        for axis, extent in enumerate(self.shape):
+            item = key[axis] if axis < len(key) else slice(None)
+            if not isinstance(item, slice):
+                raise TypeError(f"{self.path}: only slices are supported, got {item!r}")
+            start, stop, step = item.indices(extent)
+            if step != 1:
+                return self[tuple(slice(a, b) for a, b in ranges) + (slice(start, stop),)
+                            + tuple(slice(None) for _ in range(axis + 1, self.ndim))][(slice(None),) * axis + (item,)]
+            ranges.append((start, max(start, stop)))
+        out_shape = tuple(b - a for a, b in ranges)
+        out = np.empty(out_shape, self.dtype)
+        if out.size == 0:
+            return out
+        # Trailing axes read whole merge into one contiguous run with the last partial axis.
+        split = self.ndim - 1
+        while split > 0 and ranges[split] == (0, self.shape[split]):
+            split -= 1
+        inner = int(np.prod(self.shape[split + 1 :], dtype=np.int64))
+        run = out_shape[split] * inner
+        strides = [int(np.prod(self.shape[axis + 1 :], dtype=np.int64)) for axis in range(self.ndim)]
+        runs = out.reshape(-1, run)
+        nbytes = run * self.dtype.itemsize
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for row, lead in enumerate(np.ndindex(*out_shape[:split])):
+                element = sum((ranges[a][0] + i) * strides[a] for a, i in enumerate(lead))
+                element += ranges[split][0] * strides[split]
+                data = os.pread(fd, nbytes, self.offset + element * self.dtype.itemsize)
+                if len(data) != nbytes:
+                    raise OSError(f"file ends early: {len(data)} of {nbytes} bytes at row {row}")
+                runs[row] = np.frombuffer(data, self.dtype)
+        finally:
+            os.close(fd)
+        return out
+
+
 class DecodeOnce:
     """Array-like for formats that can only be decoded whole (PNG, JPEG): the first chunk
     read decodes the image, later chunks slice the cached pixels."""

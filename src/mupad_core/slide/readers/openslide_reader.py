@@ -154,7 +154,10 @@ class OpenSlideReader(SlideReader):
 
     def _read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """OpenSlide pads outside the scan with transparency, which composites to background,
-        so one direct call serves any region."""
+        so one direct call serves any region. Levels beyond OpenSlide's own (cached overviews
+        of a flat image) are read like any other backend's."""
+        if level >= self._regions.slide.level_count:
+            return super()._read_region(level, x, y, w, h)
         return self._regions.read(level, x, y, w, h)
 
     def close(self) -> None:

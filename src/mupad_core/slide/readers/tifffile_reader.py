@@ -21,6 +21,7 @@ import zarr
 from PIL import Image, UnidentifiedImageError
 
 from mupad_core.slide.readers.base import (
+    ContiguousPixels,
     DecodeOnce,
     Kind,
     LazyImageMap,
@@ -198,6 +199,15 @@ class TiffFileReader(SlideReader):
             self.channel_colors = colors
 
     def _yxc_level(self, path: Path, series: tifffile.TiffPageSeries, index: int) -> da.Array:
+        level = series.levels[index]
+        if level.dataoffset is not None and level.keyframe.compression == tifffile.COMPRESSION.NONE:
+            # Uncompressed and contiguous (often one strip of the whole image): tifffile's zarr
+            # view would read the whole strip for any chunk; this reads only the bytes asked for.
+            source = ContiguousPixels(path, level.dataoffset, level.shape,
+                                      level.dtype.newbyteorder(self._tif.byteorder))
+            chunks = tuple(min(TARGET_CHUNK_PX, extent) if axis in "YX" else extent
+                           for axis, extent in zip(series.axes, level.shape))
+            return to_yxc(lazy_level(source, path, index, chunks, "tifffile"), series.axes, path)
         source = zarr.open_array(series.aszarr(level=index), mode="r")
         chunks = tuple(
             aligned_chunk(native, extent) if axis in "YX" else extent
@@ -262,6 +272,8 @@ class PlainImageReader(SlideReader):
             with Image.open(path) as image:
                 if kind == "fluorescence":
                     return np.asarray(image, dtype=dtype).reshape(shape)
+                if image.mode == "RGB":  # no alpha to composite: one copy, not three
+                    return np.asarray(image)
                 rgba = np.asarray(image.convert("RGBA"))
             return composite_alpha(rgba, 255, premultiplied=False)
 

@@ -1,0 +1,133 @@
+"""Big images without a pyramid (flat TIFF, tiled or stripped, and PNG): lazy reads of just the
+bytes asked for, and coarse levels built once, cached, and reused. Small generated files stand
+in for 40k² ones by lowering the size threshold; benchmarks/flat_images.py measures the big ones."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from mupad_core.slide.readers import open_slide
+from mupad_core.slide.readers import overview_cache
+from mupad_core.slide.readers.base import ContiguousPixels
+
+
+@pytest.fixture(autouse=True)
+def small_threshold(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUPAD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(overview_cache, "MIN_FLAT_SIDE_PX", 1500)
+    monkeypatch.setattr(overview_cache, "COARSEST_SIDE_PX", 256)
+
+
+@pytest.fixture
+def he_image(cmu1) -> np.ndarray:
+    with open_slide(cmu1) as slide:
+        return slide.read_region(0, 0, 0, 2100, 2600)  # real H&E, sides not multiples of 4
+
+
+def write_flat(path, image, layout):
+    if layout == "stripped":  # uncompressed in one strip, as many microscopes and scripts write
+        out = tifffile.memmap(path, shape=image.shape, dtype=image.dtype, photometric="rgb")
+        out[:] = image
+        out.flush()
+        del out
+    elif layout == "tiled":
+        tifffile.imwrite(path, image, tile=(256, 256), compression="zlib", photometric="rgb")
+    else:
+        Image.fromarray(image).save(path)
+    return path
+
+
+def reference_pool(image, factor):
+    height, width = image.shape[:2]
+    h, w = height // factor, width // factor
+    return image[: h * factor, : w * factor].reshape(h, factor, w, factor, -1).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize("layout,name", [("stripped", "flat.tif"), ("tiled", "flat.tif"), ("png", "flat.png")])
+def test_a_flat_image_gets_cached_coarse_levels_once(he_image, tmp_path, monkeypatch, layout, name):
+    path = write_flat(tmp_path / name, he_image, layout)
+    calls = []
+    with open_slide(path, mpp=0.5, progress=lambda done, total: calls.append((done, total))) as reader:
+        assert reader.level_downsamples[:2] == [1.0, 4.0] and max(reader.levels[-1].shape[:2]) <= 256
+        np.testing.assert_array_equal(np.asarray(reader.levels[0][:700, :900]), he_image[:700, :900])
+        coarse = np.asarray(reader.levels[1]).astype(float)
+        pooled = reference_pool(he_image, 4)
+        assert np.abs(coarse[: pooled.shape[0], : pooled.shape[1]] - pooled).max() <= 0.5
+        assert reader.read_region(len(reader.levels) - 1, 0, 0, 64, 64).shape == (64, 64, 3)
+    assert calls and calls[-1][0] == calls[-1][1]
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the overview was built again")
+
+    monkeypatch.setattr(overview_cache, "build_overview", must_not_build)
+    with open_slide(path, mpp=0.5) as again:
+        assert len(again.levels) == len(reader.levels)
+        if layout == "png":  # level 0 from the tiled cache: no second whole-image decode
+            assert again.levels[0].name.startswith("overview-")
+            np.testing.assert_array_equal(np.asarray(again.levels[0][-50:, -50:]), he_image[-50:, -50:])
+
+
+def test_a_changed_file_gets_a_new_overview(he_image, tmp_path):
+    path = write_flat(tmp_path / "flat.tif", he_image, "tiled")
+    first = overview_cache.cache_path(path)
+    write_flat(path, he_image[::-1].copy(), "tiled")
+    os.utime(path, ns=(1, 1))
+    assert overview_cache.cache_path(path) != first
+    with open_slide(path, mpp=0.5) as reader:
+        coarse = np.asarray(reader.levels[1]).astype(float)
+    pooled = reference_pool(he_image[::-1], 4)
+    assert np.abs(coarse[: pooled.shape[0], : pooled.shape[1]] - pooled).max() <= 0.5
+
+
+def test_an_interrupted_build_leaves_no_cache_and_the_next_open_builds_it(he_image, tmp_path):
+    path = write_flat(tmp_path / "flat.tif", he_image, "stripped")
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        open_slide(path, mpp=0.5, progress=interrupt)
+    assert not overview_cache.cache_path(path).exists()
+    with open_slide(path, mpp=0.5) as reader:
+        assert len(reader.levels) > 1
+
+
+def test_images_below_the_threshold_are_left_alone(cmu1, tmp_path, monkeypatch):
+    monkeypatch.setattr(overview_cache, "MIN_FLAT_SIDE_PX", 8192)  # the default: CMU-1's 2967 px is below it
+    with open_slide(cmu1) as reader:
+        assert len(reader.levels) == 1
+        assert "mupad.overview_cache" not in reader.properties
+    assert not (tmp_path / "home").exists()
+
+
+def test_a_one_strip_tiff_reads_only_the_bytes_asked_for(he_image, tmp_path, monkeypatch):
+    path = write_flat(tmp_path / "strip.tif", he_image, "stripped")
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages[0].dataoffsets) == 1  # the whole image is one strip
+    read = []
+    real_pread = os.pread
+
+    def counting_pread(fd, n, offset):
+        read.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    with open_slide(path, mpp=0.5, overview=False) as reader:
+        region = reader.read_region(0, 1000, 1200, 300, 200)
+    np.testing.assert_array_equal(region, he_image[1200:1400, 1000:1300])
+    assert sum(read) <= 2 * 1024 * 1024 * 3  # one 1024-px chunk at most, not the 16 MB strip
+
+
+def test_contiguous_pixels_match_numpy_for_any_slices(tmp_path):
+    array = np.arange(2 * 7 * 5 * 3, dtype="<u2").reshape(2, 7, 5, 3)
+    path = tmp_path / "raw.bin"
+    path.write_bytes(b"head" + array.tobytes())
+    pixels = ContiguousPixels(path, 4, array.shape, array.dtype)
+    for key in [(slice(None),), (slice(1, 2), slice(2, 6), slice(1, 4)), (slice(0, 2), slice(0, 7), slice(0, 5), slice(1, 2)),
+                (slice(None), slice(None, None, 2)), (slice(1, 1),)]:
+        np.testing.assert_array_equal(pixels[key], array[key])
