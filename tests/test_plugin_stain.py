@@ -576,6 +576,23 @@ def test_bundled_he2ihc_model_at_its_own_pixel_size(slide_viewer, tmp_path, qtbo
     PILImage.fromarray(np.concatenate([slide_shot, gap, widget_shot], axis=1).astype(np.uint8)).save(
         IMAGES / "plugin-stain-demo-he2ihc.png")
 
+    # Side by side: H&E | IHC in two boxes under one camera; back to the overlay as it was.
+    overlay.opacity = 0.4
+    widget.compare_button.setChecked(True)
+    grid = viewer.canvas.grid
+    assert grid.enabled and overlay.opacity == 1.0 and source.visible and overlay.visible
+    shown = [i for i, layer in enumerate(viewer.layers) if layer.visible]
+    assert len(shown) == 2 and len({grid.position(i, viewer.layers) for i in shown}) == 2
+    _settle(viewer, qtbot)
+    pair = _shot(viewer)
+    half = pair.shape[1] // 2
+    left, right = pair[:, :half], pair[:, half:]
+    tissue = [(np.abs(box - box.reshape(-1, 3).max(0)).sum(-1) > 60).mean() for box in (left, right)]
+    assert min(tissue) > 0.05 and np.abs(left - right).mean() > 5  # two different images of tissue
+    PILImage.fromarray(pair.astype(np.uint8)).save(IMAGES / "plugin-side-by-side.png")
+    widget.compare_button.setChecked(False)
+    assert not grid.enabled and overlay.opacity == pytest.approx(0.4) and overlay.visible
+
 
 def test_bundled_he2mif_model_gives_named_marker_layers(slide_viewer, tmp_path, qtbot):
     """The mIF layer set: three coloured additive marker layers over the ROI and nowhere else;

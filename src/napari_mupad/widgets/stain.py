@@ -41,6 +41,7 @@ from mupad_core.generate.config import StainConfig, model_pipeline
 from mupad_core.tasks import SLIDE_TASKS, supports_strength
 
 from . import _geometry as geo
+from ._compare import SideBySide
 from ._worker import (
     JobControls,
     default_output_dir,
@@ -136,6 +137,7 @@ class StainWidget(JobControls, QWidget):
         super().__init__(parent)
         self._init_job_state(napari_viewer, _Relay())
         self.jobs: list[StainJob] = []
+        self.side_by_side = SideBySide(napari_viewer)
         self._job_polygons: list = []  # per ROI: a polygon outline (level-0 x, y) to mask by, or None
         self._source_name: str | None = None
         self._relay.block.connect(lambda *a: self._events.post(self._on_block, *a))
@@ -214,6 +216,10 @@ class StainWidget(JobControls, QWidget):
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
+        self.compare_button = QPushButton("Side by side")
+        self.compare_button.setCheckable(True)
+        self.compare_button.setToolTip("the source and the stain (the selected layers, else the last result) in "
+                                       "boxes that pan and zoom together; press again to go back")
         self.progress_bar = QProgressBar()
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
@@ -249,6 +255,7 @@ class StainWidget(JobControls, QWidget):
         out_row.addWidget(self.output_browse)
         form.addRow("Output", out_row)
         form.addRow(self.resume_check)
+        form.addRow(self.compare_button)
         self._lay_out(form)
 
         self.model_browse.clicked.connect(self._browse_model)
@@ -257,6 +264,7 @@ class StainWidget(JobControls, QWidget):
         self.output_browse.clicked.connect(self._browse_output)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.compare_button.toggled.connect(self._toggle_side_by_side)
         self.region_combo.currentTextChanged.connect(self._update_enabled)
         self.task_combo.currentTextChanged.connect(self._update_enabled)
         self._model_pipeline: dict = {}
@@ -266,6 +274,31 @@ class StainWidget(JobControls, QWidget):
             event.connect(self._refresh_layer_choices)
         self._refresh_layer_choices()
         self._update_enabled()
+
+    # -- comparison ------------------------------------------------------------------
+
+    def comparison_layers(self) -> list:
+        """The stain to compare: the selected image layers other than the source, else the
+        layers of the last finished result."""
+        source = self.source_layer()
+        selected = [lay for lay in self.viewer.layers.selection if isinstance(lay, Image) and lay is not source]
+        if selected:
+            return selected
+        done = [job for job in self.jobs if job.status == "done"]
+        return list(done[-1].layers) if done else []
+
+    def _toggle_side_by_side(self, on: bool) -> None:
+        if not on:
+            self.side_by_side.end()
+            return
+        source = self.source_layer()
+        try:
+            if source is None:
+                raise ValueError("no source slide layer")
+            self.side_by_side.show(source, self.comparison_layers())
+        except ValueError as exc:
+            self.compare_button.setChecked(False)
+            self.status_label.setText(f"Side by side: {exc}")
 
     # -- form ------------------------------------------------------------------------
     def _slide_layers(self) -> list[Image]:
