@@ -54,7 +54,7 @@ class StainConfig:
     roi: tuple[int, int, int, int] | None = None  # level-0 px: x, y, w, h
     target_mpp: float | None = None  # default: the source's own pixel size
     steps: int = 20
-    method: str = "euler"  # or "sde"
+    method: str = "euler"  # or "heun", "sde": any sampler of transport/samplers.py
     guidance: float = 0.0
     # "constant"; "annealed" (guidance -> 0 over the trajectory, the paper's 2.5 -> 0); or
     # "interval:LO:HI" (guidance only for progress in [LO, HI]). Where the weight is 0 the

@@ -33,9 +33,10 @@ from ..slide.tissue import TissueMap
 from ..store.omezarr import spread_path
 from ..tasks import SAME_DOMAIN_TASKS, supports_strength
 from ..transport.path import interpolate
-from ..transport.samplers import sde_step, time_grid
+from ..transport.samplers import sample
 from .canvas import GlobalNoise
 from .fusion import ramp_weights, window_grid
+from .fused import FusedBlockVelocity, window_cls_noise
 from .models import ModelHandle
 from .uncertainty import mean_and_spread, sample_seeds
 from .config import StainConfig  # noqa: F401  (its home is config.py; imported from here for years)
@@ -65,8 +66,8 @@ def _check(config: StainConfig, handle: ModelHandle) -> None:
         raise ValueError(f"block size {config.block_px} must be a multiple of the chunk size {config.chunk_px}")
     if config.fusion not in ("cosine", "uniform"):
         raise ValueError(f"fusion must be 'cosine' or 'uniform', got {config.fusion!r}")
-    if config.method not in ("euler", "sde"):
-        raise ValueError(f"whole-slide sampling supports 'euler' and 'sde', got {config.method!r}")
+    if config.method not in ("euler", "heun", "sde"):
+        raise ValueError(f"sampler method must be 'euler', 'heun' or 'sde', got {config.method!r}")
     if not 0 <= config.overlap_px < config.window_px:
         raise ValueError(f"overlap {config.overlap_px} must be smaller than the window {config.window_px}")
     if config.samples < 1:
@@ -265,63 +266,43 @@ def generate_block(handle: ModelHandle, source: torch.Tensor, origin_latent: tup
 def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent, noise: GlobalNoise,
                    config: StainConfig, start: torch.Tensor | None = None, glass_weight: torch.Tensor | None = None,
                    glass: Glass | None = None) -> torch.Tensor:
-    """One latent sample of the block: fused window velocities, integrated from t_start to 1.
+    """One latent sample of the block: the transport's sampler (`config.method`) integrating
+    the block's fused velocity (`fused.FusedBlockVelocity`) from t_start to 1.
 
     The state lives on the model's device and nothing in the loop waits for it (no copy
     back per window batch): on a GPU the host queues the whole block's steps ahead of the
-    kernels. Noise is drawn on the CPU (a function of seed and global position) and moved.
-    `glass_weight`: the summed fusion weights of the windows skipped as glass.
+    kernels. Noise is drawn on the CPU, a function of seed and global position (the SDE's
+    increments too), so blocks cut differently give the same pixels.
     """
     device = getattr(handle, "device", None) or torch.device("cpu")
     hl, wl = weight_sum.shape
     oy, ox = origin_latent
-    weight, weight_sum = weight.to(device), weight_sum.to(device)
-    if glass_weight is not None:
-        glass_weight = glass_weight.to(device)
-        glass_latent = glass.latent.to(device)[:, None, None]
     x = (noise.window(oy, ox, hl, wl, step=0) if start is None else start).to(device)
     t_start = 1.0 - config.strength
     if t_start > 0:
         # A variation: the source itself, noised to t_start along the same path the model learnt.
         source = handle.source_latent(prepared) if hasattr(handle, "source_latent") else prepared.source_latent
         x = interpolate(source.to(device)[None], x[None], torch.tensor([t_start], device=device))[0]
-    ts = time_grid(config.steps, t_start)
     # A CLS model (REG) generates one global token per window along with it: each window
-    # keeps its own, starting from noise fixed by the window's global position, so a
-    # window computed from two blocks follows one trajectory (ODE steps, also under SDE).
+    # keeps its own, its noise fixed by the window's global position.
     cls_dim = getattr(handle, "cls_dim", 0)
-    cls = ({(w.y, w.x): window_cls_noise(noise.seed, oy + w.y, ox + w.x, cls_dim).to(device) for w in windows}
+    cls = (torch.stack([window_cls_noise(noise.seed, oy + w.y, ox + w.x, cls_dim) for w in windows]).to(device)
            if cls_dim else None)
     weight_at = guidance_schedule(config)
     span = max(1.0 - t_start, 1e-9)
-    for i in range(config.steps):
-        t0, dt = float(ts[i]), float(ts[i + 1] - ts[i])
-        guidance_now = weight_at((t0 - t_start) / span) if config.guidance else 0.0
-        velocity = torch.zeros_like(x)
-        for start in range(0, len(windows), config.batch_size):
-            group = windows[start : start + config.batch_size]
-            batch = torch.stack([x[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in group])
-            guided = {"guidance": guidance_now} if guidance_now else {}
-            if cls is None:
-                v = handle.window_velocity(batch, t0, prepared, group, **guided)
-            else:
-                keys = [(w.y, w.x) for w in group]
-                v, cv = handle.window_velocity(batch, t0, prepared, group, cls=torch.stack([cls[k] for k in keys]),
-                                               **guided)
-                for k, c in zip(keys, cv.to(device)):
-                    cls[k] = cls[k] + dt * c
-            for w, vk in zip(group, v.to(device)):
-                velocity[:, w.y : w.y + w.h, w.x : w.x + w.w] += vk * weight
-        if glass_weight is not None:
-            velocity += glass_weight * (glass_latent - x) / (1.0 - t0)
-        velocity /= weight_sum
-        if config.method == "sde":
-            last = i == config.steps - 1
-            normal = None if last else noise.window(oy, ox, hl, wl, step=i + 1).to(device)
-            x = sde_step(x, velocity, t0, dt, normal)
-        else:
-            x = x + dt * velocity
-    return x
+    fused = FusedBlockVelocity(
+        handle, prepared, windows, weight, weight_sum, config.batch_size,
+        guidance_at=lambda t: weight_at((t - t_start) / span) if config.guidance else 0.0, device=device,
+        glass_weight=glass_weight, glass_latent=None if glass_weight is None else glass.latent)
+
+    def sde_noise(step: int, shape: tuple) -> torch.Tensor:
+        if cls is not None and tuple(shape) == tuple(cls.shape):
+            return torch.stack([window_cls_noise(noise.seed, oy + w.y, ox + w.x, cls_dim, step + 1) for w in windows])
+        return noise.window(oy, ox, hl, wl, step=step + 1)[None]
+
+    result = sample(fused, x[None], method=config.method, steps=config.steps, cls_noise=cls, t_start=t_start,
+                    sde_noise=sde_noise)
+    return result.x[0]
 
 
 def guidance_schedule(config: StainConfig):
@@ -341,12 +322,6 @@ def guidance_schedule(config: StainConfig):
         if 0 <= lo <= hi <= 1:
             return interval(config.guidance, lo, hi)
     raise ValueError(f"guidance schedule {spec!r}: use constant, annealed or interval:LO:HI (0 <= LO <= HI <= 1)")
-
-
-def window_cls_noise(seed: int, y: int, x: int, dim: int) -> torch.Tensor:
-    """The starting CLS token of the window at global latent (y, x): a function of seed and position."""
-    mixed = np.random.SeedSequence([int(seed), 0xC15, y & 0xFFFFFFFF, x & 0xFFFFFFFF]).generate_state(1, np.uint64)[0]
-    return torch.randn(dim, generator=torch.Generator().manual_seed(int(mixed) & 0x7FFFFFFFFFFFFFFF))
 
 
 def blocks_with_tissue(tissue, roi, scale: tuple[float, float], out_h: int, out_w: int, block: int,

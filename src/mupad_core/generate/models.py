@@ -150,6 +150,143 @@ class SiTImageToImageHandle:
         """Velocities of the windows; with `cls` (one token per window) also the tokens' velocities.
         `guidance` w: v = v_c + w (v_c - v_u), the image stream switched off for v_u."""
         from ..models.conditions import Conditions
+        from ..transport.samplers import GuidedVelocity
+
+        concat = None
+        if self.model.config.concat_channels:
+            concat = torch.stack([prepared.source_latent[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in windows])
+        conditions = Conditions(tokens={"image": self._window_tokens(prepared, windows)}) if self.conditioned else None
+        cls_in = None if cls is None else cls.to(self.device)
+        # Guidance is the transport's (one implementation): the image stream off for v_u.
+        guided = GuidedVelocity(self._forward, conditions, concat, drop=("image",))
+        velocity, cls_velocity = guided(x.to(self.device), cls_in, t, guidance)
+        return velocity if cls is None else (velocity, cls_velocity)
+
+    def _forward(self, x, t, conditions, cls=None, concat=None):
+        """The model in bf16 on a GPU when asked, its outputs back in float32."""
+        from ..models.sit import SiTOutput
+
+        use_bf16 = self.device.type == "cuda" and self.dtype == torch.bfloat16
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            out = self.model(x, t, conditions, concat=concat, cls=cls)
+        return SiTOutput(velocity=out.velocity.float(),
+                         cls_velocity=None if out.cls_velocity is None else out.cls_velocity.float())
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor: ...
+
+
+class IdentityHandle:
+    """Output = source pixels. Selected by `--model identity`, valid for every task."""
+
+    model_id = "identity"
+    weights_hash = "none"
+    passthrough = True
+    latent_channels = 3
+    downscale = 1
+    mpp = None
+
+    def __init__(self, out_channels: int = 3):
+        self.out_channels = out_channels
+
+
+@dataclass
+class PreparedBlock:
+    source_latent: torch.Tensor  # (C, h, w) spatial template for the whole block
+    predictions: dict = field(default_factory=dict)  # one-pass models: window (y, x) -> prediction
+    source: torch.Tensor | None = None  # (3, H, W) block pixels, for per-window image tokens
+    tokens: dict = field(default_factory=dict)  # window (y, x) -> its image tokens (computed once)
+
+
+class SiTImageToImageHandle:
+    """A MupadSiT that sees the source through a spatial template (`concat_channels`), an
+    image condition stream, or both.
+
+    The template is the paper's H&E->X design (H&E->mIF concatenates the H&E latent with
+    the noisy target latent at every step). The image stream gets each window's own source
+    pixels as tokens (`image_encoder`, resized to the `image_px` it was trained on), so a
+    variations model keeps the layout window by window; `token_map` can translate those
+    tokens first (the embedding-space H&E->IHC flow). With tokens, classifier-free guidance
+    runs the unconditional pass with the stream switched off.
+    """
+
+    passthrough = False
+    image_encoder = token_map = image_px = mpp = None
+
+    def __init__(self, model, codec, model_id: str, weights_hash: str, device="cpu", dtype=torch.float32,
+                 channel_names: list[str] | None = None, channel_colors: list[str] | None = None,
+                 image_encoder=None, image_px: int | None = None, token_map=None):
+        streams = set(model.config.condition_dims or {})
+        if streams - {"image"}:
+            raise ValueError(f"{model_id}: whole-slide generation passes image tokens only; this model also needs "
+                             f"{', '.join(sorted(streams - {'image'}))} (generate those at ROI size)")
+        if not model.config.concat_channels and not streams:
+            raise ValueError(f"{model_id}: model has no spatial template input (concat_channels=0) and no image stream")
+        if streams and image_encoder is None:
+            raise ValueError(f"{model_id}: model has an image stream; pass its image encoder")
+        self.image_encoder = image_encoder.to(device).eval() if image_encoder is not None else None
+        self.image_px = image_px
+        self.token_map = token_map
+        self.model = model.to(device).eval()
+        self.codec = codec
+        self.model_id = model_id
+        self.weights_hash = weights_hash
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.latent_channels = model.config.in_channels
+        self.downscale = codec.downscale
+        self.out_channels = getattr(codec, "image_channels", 3)
+        # Named output channels (mIF markers) make a fluorescence image, even three of them.
+        self.channel_names = channel_names
+        self.channel_colors = channel_colors
+
+    @property
+    def conditioned(self) -> bool:
+        return self.image_encoder is not None
+
+    def prepare(self, source: torch.Tensor) -> PreparedBlock:
+        template = getattr(self, "model", None) is None or self.model.config.concat_channels
+        latent = tiled_encode(self.codec, source.to(self.device)) if template else None
+        return PreparedBlock(source_latent=latent, source=source if self.conditioned else None)
+
+    def source_latent(self, prepared: PreparedBlock) -> torch.Tensor:
+        """The block's source latent (encoded on first use when the model has no template)."""
+        if prepared.source_latent is None:
+            prepared.source_latent = tiled_encode(self.codec, prepared.source.to(self.device))
+        return prepared.source_latent
+
+    def _window_tokens(self, prepared: PreparedBlock, windows) -> torch.Tensor:
+        """Image tokens of each window's source pixels (cached: the same at every step)."""
+        d = self.downscale
+        missing = [w for w in windows if (w.y, w.x) not in prepared.tokens]
+        if missing:
+            crops = torch.stack([prepared.source[:, w.y * d : (w.y + w.h) * d, w.x * d : (w.x + w.w) * d]
+                                 for w in missing]).to(self.device)
+            size = self.image_px
+            patch = getattr(self.image_encoder, "patch_size", 1)
+            if size and not hasattr(self.image_encoder, "input_size"):  # builtin CNN: the size it learnt at
+                size = max(patch, size // patch * patch)
+                if crops.shape[-1] != size or crops.shape[-2] != size:
+                    crops = torch.nn.functional.interpolate(crops, size=(size, size), mode="bilinear",
+                                                            antialias=True, align_corners=False).clamp(0, 1)
+            # One window at a time: a window's tokens then do not depend on which other
+            # windows share its batch (convolution kernels chosen per batch size differ in
+            # the last bits), so blocks cut differently give identical pixels.
+            for w, crop in zip(missing, crops):
+                tokens = self.image_encoder.encode(crop[None]).tokens
+                prepared.tokens[(w.y, w.x)] = (self.token_map(tokens) if self.token_map is not None else tokens)[0]
+        return torch.stack([prepared.tokens[(w.y, w.x)] for w in windows])
+
+    @property
+    def cls_dim(self) -> int:
+        """Size of the CLS token the model generates with each window (0: none)."""
+        return int(getattr(self, "model", None) and self.model.config.get("cls_dim") or 0)
+
+    @torch.no_grad()
+    def window_velocity(self, x, t, prepared: PreparedBlock, windows, cls: torch.Tensor | None = None,
+                        guidance: float = 0.0):
+        """Velocities of the windows; with `cls` (one token per window) also the tokens' velocities.
+        `guidance` w: v = v_c + w (v_c - v_u), the image stream switched off for v_u."""
+        from ..models.conditions import Conditions
 
         concat = None
         if self.model.config.concat_channels:

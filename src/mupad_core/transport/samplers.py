@@ -121,7 +121,8 @@ def sample(
 
     `sde_noise(step, shape)` supplies the Brownian increments' standard normals, for a caller
     that must draw them itself (e.g. from a global canvas, so tiles agree). The whole-slide
-    engine does not call this function: it has its own step loop over fused windows.
+    engine integrates each block through this function, with `generate.fused.FusedBlockVelocity`
+    as the model.
     """
     schedule = as_schedule(guidance)
     velocity = GuidedVelocity(model, conditions, concat, guidance_drop)
@@ -160,8 +161,7 @@ def _normal(shape, like: torch.Tensor, generator, sde_noise, step: int) -> torch
 def sde_step(x: torch.Tensor, v: torch.Tensor, t: float, dt: float, normal: torch.Tensor | None,
              scale: float = 1.0) -> torch.Tensor:
     """One Euler-Maruyama step from x at t with velocity v; `normal=None` takes the mean
-    update only (the last step, as in SiT). Public so the whole-slide engine, which fuses
-    velocities across windows first, steps exactly as `sample` does."""
+    update only (the last step, as in SiT)."""
     w = scale * (1.0 - t)
     drift = v + 0.5 * w * path.score(x, v, torch.full((x.shape[0],), t, device=x.device))
     if normal is None:
