@@ -52,7 +52,7 @@ class InceptionTeacher(nn.Module):
 
     def __init__(self, layer: str = "mixed_7", input_size: int = 299):
         super().__init__()
-        from ..evaluate.features import INCEPTION_RANGE, InceptionFeatures
+        from .inception import INCEPTION_RANGE, InceptionFeatures
 
         if layer not in INCEPTION_LAYERS:
             raise ValueError(f"inception teacher layer {layer!r}: choose from {', '.join(INCEPTION_LAYERS)}")
@@ -108,7 +108,7 @@ class EncoderTeacher(nn.Module):
 
     @property
     def identity(self) -> str:
-        from ..train.latent_cache import encoder_identity
+        from .identity import encoder_identity
 
         return f"teacher:{self.name}:{encoder_identity(self.encoder)}"
 

@@ -108,7 +108,7 @@ class MarkerGroupCodec:
     @property
     def identity(self) -> str:
         """For latent caches: the inner codec's identity and the grouping."""
-        from ..train.latent_cache import codec_identity
+        from .identity import codec_identity
 
         return f"{codec_identity(self.inner)} x{self.groups} marker groups ({self.image_channels} channels)"
 
