@@ -254,6 +254,30 @@ def test_a_big_flat_png_opens_as_a_cached_multiscale_layer(make_napari_viewer, t
     np.testing.assert_array_equal(layer.data[0][:64, :64].compute(), pixels[:64, :64])
 
 
+def test_the_reader_closes_the_file_when_its_last_layer_is_gone(make_napari_viewer, tmp_path, monkeypatch):
+    import gc
+
+    from mupad_core.slide.readers import BACKENDS
+
+    closed = []
+    for cls in BACKENDS.values():
+        monkeypatch.setattr(cls, "close", lambda self, real=cls.close: closed.append(str(self.path)) or real(self))
+    source = tmp_path / "panel.ome.zarr"
+    write_mif_store(source)
+    viewer = make_napari_viewer()
+    viewer.open(bundled_slide_path(), plugin=PLUGIN)
+    panel = viewer.open(source, plugin=PLUGIN)
+    assert len(panel) == 3 and closed == []
+    viewer.layers.remove(panel[0])
+    viewer.layers.remove(panel[1])
+    del panel
+    gc.collect()
+    assert closed == []  # one marker layer still reads the store
+    viewer.layers.clear()
+    gc.collect()
+    assert sorted(closed) == sorted([str(bundled_slide_path()), str(source)])
+
+
 def test_sample_data_is_the_bundled_cc0_slide(make_napari_viewer):
     manifest = PluginManifest.from_distribution(PLUGIN)
     (sample,) = [s for s in manifest.contributions.sample_data if s.key == "cmu1-small-region"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,35 @@ def read_slide(path: str | os.PathLike | list) -> list[LayerDataTuple]:
     paths = path if isinstance(path, list) else [path]
     layers: list[LayerDataTuple] = []
     for one_path in paths:
-        layers.extend(slide_layer_data(open_for_viewing(Path(one_path))))
+        reader = open_for_viewing(Path(one_path))
+        tuples = slide_layer_data(reader)
+        close_with_layers(reader, tuples)
+        layers.extend(tuples)
     return layers
+
+
+def close_with_layers(reader: SlideReader, tuples: list[LayerDataTuple]) -> None:
+    """Close the reader (its file handles) once every layer made from it is gone: each layer's
+    full-resolution array is watched, and the last one collected closes the file."""
+    import dask.array as da
+
+    held = {id(level) for level in reader.levels}  # the reader keeps these: never collected first
+    anchors = []
+    for data, _meta, _kind in tuples:
+        first = data[0] if isinstance(data, list) else data
+        if id(first) in held:  # the layer gets its own array object over the same graph
+            first = da.Array(first.dask, first.name, first.chunks, meta=first._meta)
+            data[0] = first
+        anchors.append(first)
+    remaining = [len(anchors)]
+
+    def release() -> None:
+        remaining[0] -= 1
+        if remaining[0] == 0:
+            reader.close()
+
+    for anchor in anchors:
+        weakref.finalize(anchor, release)
 
 
 def open_for_viewing(path: Path) -> SlideReader:
