@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 
 from mupad_core.demo import sample_slide_path
 from mupad_core.generate.engine import StainConfig, run_stain
-from mupad_core.generate.models import DisagreeingWindowsHandle
+from mupad_core.generate.handles import DisagreeingWindowsHandle
 from mupad_core.generate.seams import seam_ratio, window_edges
 from mupad_core.slide.readers import open_slide
 

@@ -135,7 +135,7 @@ def run_one(args) -> dict:
     from mupad_core.generate import engine
     from mupad_core.slide import tissue as tissue_module
     from mupad_core.generate.engine import StainConfig, run_stain
-    from mupad_core.generate.models import load_handle
+    from mupad_core.generate.handles import load_handle
     from mupad_core.models.checkpoint import CHECKPOINT_FILES, read_pipeline
     from mupad_core.slide.readers import open_slide
     from mupad_core.zoo import resolve_model

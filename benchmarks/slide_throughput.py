@@ -309,7 +309,7 @@ def run_phase(args) -> dict:
         reader.close()
     else:  # ours
         from mupad_core.generate.engine import StainConfig, run_stain
-        from mupad_core.generate.models import IdentityHandle
+        from mupad_core.generate.handles import IdentityHandle
 
         reader = open_slide(args.slide)
         marks: dict = {}

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from mupad_core.demo import sample_slide_path
 from mupad_core.generate import engine
 from mupad_core.generate.engine import StainConfig, run_stain
-from mupad_core.generate.models import SiTImageToImageHandle
+from mupad_core.generate.handles import SiTImageToImageHandle
 from mupad_core.models.sit import MupadSiT
 from mupad_core.models.vae import PixelUnshuffleCodec
 from mupad_core.slide.readers import open_slide

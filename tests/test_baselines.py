@@ -32,7 +32,7 @@ def _config(tmp_path: Path, **changes) -> Path:
 
 def test_pix2pix_trains_and_the_engine_returns_its_one_pass_prediction(tmp_path):
     from mupad_core.generate.engine import StainConfig, run_stain
-    from mupad_core.generate.models import OnePassHandle, load_handle
+    from mupad_core.generate.handles import OnePassHandle, load_handle
     from mupad_core.models.baselines import predict
     from mupad_core.models.vae import PixelUnshuffleCodec
     from mupad_core.slide.readers import open_slide
@@ -67,7 +67,7 @@ def test_pix2pix_without_a_source_template_is_refused(tmp_path):
 def test_cyclegan_trains_unpaired_and_exports_its_translator(tmp_path):
     """CycleGAN-style baseline: every loss term logged, discriminators never moved by the generator loss,
     the exported source->target U-Net run by the engine like pix2pix."""
-    from mupad_core.generate.models import OnePassHandle, load_handle
+    from mupad_core.generate.handles import OnePassHandle, load_handle
     from mupad_core.models.baselines import build_cyclegan, cyclegan_loss
 
     # One backward of the summed loss: generator terms move only the generators, the

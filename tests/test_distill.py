@@ -65,7 +65,7 @@ def test_reflow_makes_one_step_match_the_teachers_many_steps():
 
 def test_mupad_train_distills_a_bundled_model_into_a_loadable_student(tmp_path):
     from mupad_core.demo import sample_slide_path
-    from mupad_core.generate.models import load_handle
+    from mupad_core.generate.handles import load_handle
     from mupad_core.models.checkpoint import load_model, read_pipeline
     from mupad_core.train.config import load_config
     from mupad_core.train.run import train

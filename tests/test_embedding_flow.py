@@ -38,7 +38,7 @@ def test_flow_starts_as_identity_and_learns_a_known_translation():
 
 def test_mupad_train_fits_a_flow_for_a_generator_and_the_engine_runs_the_pair(tmp_path):
     from mupad_core.generate.engine import StainConfig, run_stain
-    from mupad_core.generate.models import load_handle
+    from mupad_core.generate.handles import load_handle
     from mupad_core.models.checkpoint import load_model, read_pipeline
     from mupad_core.slide import open_slide
     from mupad_core.train.config import ConfigError, load_config

@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from mupad_core.demo import sample_slide_path
 from mupad_core.generate.engine import Cancelled, StainConfig, blocks_with_tissue, run_stain
-from mupad_core.generate.models import DisagreeingWindowsHandle, IdentityHandle, SiTImageToImageHandle
+from mupad_core.generate.handles import DisagreeingWindowsHandle, IdentityHandle, SiTImageToImageHandle
 from mupad_core.generate.seams import seam_ratio, window_edges
 from mupad_core.models.sit import MupadSiT
 from mupad_core.models.vae import PixelUnshuffleCodec

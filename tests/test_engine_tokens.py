@@ -8,7 +8,7 @@ import zarr
 
 from mupad_core.demo import sample_slide_path
 from mupad_core.generate.engine import StainConfig, run_stain
-from mupad_core.generate.models import load_handle
+from mupad_core.generate.handles import load_handle
 from mupad_core.slide import open_slide
 
 ROI = (1000, 1400, 192, 192)  # level-0 px of the bundled slide, at the model's 0.5 µm/px
@@ -54,7 +54,7 @@ def test_variations_model_runs_whole_slide_from_window_tokens(tmp_path):
 
 def test_guidance_schedule_skips_the_unconditional_pass_where_the_weight_is_zero(tmp_path, monkeypatch):
     """Guidance on part of the trajectory only: fewer network passes than constant guidance, other pixels."""
-    from mupad_core.generate.models import SiTImageToImageHandle
+    from mupad_core.generate.handles import SiTImageToImageHandle
 
     calls = {"guided": 0, "plain": 0}
     original = SiTImageToImageHandle.window_velocity

@@ -47,7 +47,7 @@ def four_marker_data(shared_data, tmp_path_factory):
 
 def test_four_marker_model_trains_and_writes_named_channels(four_marker_data, tmp_path):
     from mupad_core.generate.engine import StainConfig, run_stain
-    from mupad_core.generate.models import load_handle
+    from mupad_core.generate.handles import load_handle
     from mupad_core.slide import open_slide
     from mupad_core.train.config import load_config
     from mupad_core.train.run import train

@@ -709,7 +709,7 @@ def test_embedding_flow_folder_stains_a_drawn_roi_as_the_library_does(slide_view
     import torch
 
     from mupad_core.generate.engine import StainConfig, run_stain
-    from mupad_core.generate.models import load_handle
+    from mupad_core.generate.handles import load_handle
     from mupad_core.models.checkpoint import save_model
     from mupad_core.models.embedding_flow import EmbeddingFlow
     from mupad_core.slide import open_slide

@@ -178,7 +178,7 @@ def test_teacher_feeds_the_alignment_and_cls_losses(tmp_path):
         assert abs(float(r["loss_total"]) - total) < 1e-4
 
     from mupad_core.generate.engine import StainConfig, run_stain
-    from mupad_core.generate.models import load_handle
+    from mupad_core.generate.handles import load_handle
     from mupad_core.models.checkpoint import load_model, read_pipeline
     from mupad_core.slide import open_slide
 

@@ -107,7 +107,7 @@ def _cmd_stain(args) -> int:
     from tqdm import tqdm
 
     from .generate.engine import run_stain
-    from .generate.models import load_handle
+    from .generate.handles import load_handle
     from .slide.readers import open_slide
 
     _resolve_task(args)

@@ -57,7 +57,7 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print, models
     import zarr
 
     from .generate.engine import run_stain
-    from .generate.models import load_handle
+    from .generate.handles import load_handle
     from .models.checkpoint import read_pipeline
     from .slide.readers import open_slide
     from .zoo import bundled_models

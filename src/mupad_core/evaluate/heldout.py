@@ -16,7 +16,7 @@ import torch
 import zarr
 
 from ..generate.engine import StainConfig, run_stain
-from ..generate.models import load_handle
+from ..generate.handles import load_handle
 from ..slide.readers import open_slide
 from ..train.datasets import ManifestDataset, read_image
 from .metrics import patch_pearson, pearson, psnr

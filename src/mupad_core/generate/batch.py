@@ -38,7 +38,7 @@ def stain_one(slide: str, out_path: str, model: str, config: StainConfig, mpp: f
     try:
         from ..slide.readers import open_slide
         from .engine import run_stain
-        from .models import load_handle
+        from .handles import load_handle
 
         if device == "cuda-worker":  # LocalCluster workers are named 0..n-1: one GPU each
             import torch

@@ -37,7 +37,7 @@ from ..transport.samplers import sample
 from .canvas import GlobalNoise
 from .fusion import ramp_weights, window_grid
 from .fused import FusedBlockVelocity, window_cls_noise
-from .models import ModelHandle
+from .handles import ModelHandle
 from .uncertainty import mean_and_spread, sample_seeds
 from .config import StainConfig  # noqa: F401  (its home is config.py; imported from here for years)
 from .resample import PixelMap, pixel_map, read_resampled, to_unit_float

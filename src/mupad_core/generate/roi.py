@@ -31,6 +31,7 @@ from ..models.conditions import Conditions
 from ..models.sit import SiTOutput
 from ..transport.samplers import make_noise, sample
 from .fusion import ramp_weights, window_grid
+from .handles import load_encoders
 from .tiled_vae import tiled_decode
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total); may raise to cancel
@@ -187,32 +188,6 @@ def load_generator(spec: str | Path, device: str = "cpu", allow_template: bool =
     return RegionGenerator(model=model, codec=codec, encoders=encoders, model_id=str(spec), weights_hash=weights_sha256(folder),
                            window_px=int(pipeline.get("window_px", 256)), image_px=int(pipeline.get("image_px", 224)),
                            device=torch.device(device))
-
-
-def load_encoders(folder: Path, pipeline: dict, model, device: str = "cpu") -> dict:
-    """The condition encoders a checkpoint's streams take, with their trained weights where saved."""
-    from ..models.conditioning import build_encoder
-
-    dims = dict(model.config.condition_dims or {})
-    token_counts = dict(model.config.condition_tokens or {})
-    specs = pipeline.get("encoders", {})
-    encoders = {}
-    for modality, dim in dims.items():
-        entry = dict(specs.get(modality) or {})
-        name = entry.pop("name", None)
-        if modality == "rna":
-            entry.setdefault("num_pathways", token_counts.get("rna"))
-        encoder = build_encoder(modality, name, **entry)
-        if encoder.token_dim != dim:
-            raise ValueError(f"{folder}: the {modality} encoder ({name or 'default'}) gives {encoder.token_dim}-d tokens, "
-                             f"the model's {modality} stream takes {dim}-d")
-        weights = folder / f"{modality}_encoder.safetensors"
-        if weights.is_file():
-            from safetensors.torch import load_file
-
-            encoder.load_state_dict(load_file(weights), strict=True)
-        encoders[modality] = encoder.to(device).eval()
-    return encoders
 
 
 def condition_from(gen: RegionGenerator, kind: str, value: Any) -> tuple[Conditions, dict]:

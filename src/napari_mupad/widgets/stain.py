@@ -96,7 +96,7 @@ def _stain_worker(slide_path: str, mpp: float | None, model: str, task: str, dev
     """Runs in a worker thread: load the model once, stain each ROI. Returns [(index, status, path)]."""
     match_torch_threads(threads)
     from mupad_core.generate.engine import Cancelled, StainConfig, run_stain
-    from mupad_core.generate.models import load_handle
+    from mupad_core.generate.handles import load_handle
     from mupad_core.slide.readers import open_slide
 
     results = []

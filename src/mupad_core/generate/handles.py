@@ -13,6 +13,7 @@ owns tiling, noise, fusion and writing; the handle only knows its network:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -265,7 +266,7 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
 
 def _load_checkpoint_handle(spec: str, task: str, device: str) -> ModelHandle:
     from ..models.checkpoint import CHECKPOINT_FILES, load_model, read_pipeline, weights_sha256
-    from ..models.vae import codec_for, load_vae
+    from ..models.vae import codec_for
     from ..zoo import resolve_model
 
     folder = resolve_model(spec, CHECKPOINT_FILES)
@@ -299,7 +300,6 @@ def _load_checkpoint_handle(spec: str, task: str, device: str) -> ModelHandle:
     codec = codec_for(pipeline["vae"], pipeline.get("channels"), device=device)  # marker groups for N != 3
     image_encoder = None
     if "image" in streams:
-        from .roi import load_encoders
 
         image_encoder = load_encoders(folder, pipeline, model, device)["image"]
     return SiTImageToImageHandle(model, codec, str(spec), weights_sha256(folder), device=device, dtype=dtype,
@@ -330,3 +330,29 @@ def _embedding_flow_handle(folder, spec, pipeline: dict, device) -> SiTImageToIm
     handle.model_id = str(spec)
     handle.weights_hash = hashlib.sha256((weights_sha256(folder) + handle.weights_hash).encode()).hexdigest()
     return handle
+
+
+def load_encoders(folder: Path, pipeline: dict, model, device: str = "cpu") -> dict:
+    """The condition encoders a checkpoint's streams take, with their trained weights where saved."""
+    from ..models.conditioning import build_encoder
+
+    dims = dict(model.config.condition_dims or {})
+    token_counts = dict(model.config.condition_tokens or {})
+    specs = pipeline.get("encoders", {})
+    encoders = {}
+    for modality, dim in dims.items():
+        entry = dict(specs.get(modality) or {})
+        name = entry.pop("name", None)
+        if modality == "rna":
+            entry.setdefault("num_pathways", token_counts.get("rna"))
+        encoder = build_encoder(modality, name, **entry)
+        if encoder.token_dim != dim:
+            raise ValueError(f"{folder}: the {modality} encoder ({name or 'default'}) gives {encoder.token_dim}-d tokens, "
+                             f"the model's {modality} stream takes {dim}-d")
+        weights = folder / f"{modality}_encoder.safetensors"
+        if weights.is_file():
+            from safetensors.torch import load_file
+
+            encoder.load_state_dict(load_file(weights), strict=True)
+        encoders[modality] = encoder.to(device).eval()
+    return encoders
