@@ -837,6 +837,13 @@ def test_geojson_regions_import_stain_and_export(slide_viewer, tmp_path, qtbot):
         ring = b.exterior[:-1] if np.array_equal(b.exterior[0], b.exterior[-1]) else b.exterior
         np.testing.assert_allclose(ring[: len(a.exterior) - 1], a.exterior[:-1], atol=1e-3)
 
+    from PIL import Image as PILImage
+
+    viewer.reset_view()
+    _settle(viewer, qtbot)
+    IMAGES.mkdir(parents=True, exist_ok=True)  # the guide's picture: QuPath's regions as napari shapes
+    PILImage.fromarray(_shot(viewer).astype(np.uint8)).save(IMAGES / "plugin-geojson-regions.png")
+
     layer.data = [layer.data[1]]  # keep the triangle: (1000, 1000), (1300, 1000), (1000, 1300)
     widget.region_combo.setCurrentText("Drawn rectangles")
     widget.shapes_combo.setCurrentText(layer.name)
