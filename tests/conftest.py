@@ -1,7 +1,8 @@
 """Shared pytest configuration for napari-mupad.
 
 - No test touches the network: the Hugging Face libraries are forced offline for the
-  whole session (set before any test module imports them).
+  whole session (set before any test module imports them). The one exception: on a clone
+  without ``../shared/data`` its files are fetched by hash from their public sources.
 - ``shared_data``: the folder of real, externally authored test data that sits beside
   the repository (``../shared/data``), overridable with ``MUPAD_SHARED_DATA``.
 """
@@ -31,17 +32,50 @@ BUNDLED_CMU1 = REPO_ROOT / "src" / "mupad_core" / "data" / "CMU-1-Small-Region.s
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Path of the shared real test data folder. Absent: the test is skipped (and counted in
-    one summary line), except in CI (CI=true), where the folder is laid beside the clone and
-    a missing one is a failure, not a quiet third fewer tests."""
+    """Path of the shared real test data folder. Absent: its files are fetched from their public
+    sources by hash (tests/shared_fetch.py, cached under $MUPAD_HOME/shared-data) when the
+    network allows; tests whose files could not be had are skipped and counted in one summary
+    line. In CI (CI=true) the folder is laid beside the clone and a missing one is a failure."""
     path = _shared_data_dir()
-    if not path.is_dir():
-        message = (f"{SHARED_SKIP}: no shared test data folder at {path} "
-                   "(expected beside the repository checkout; set MUPAD_SHARED_DATA=/path/to/data)")
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI: {message}", pytrace=False)
-        pytest.skip(message)
-    return path
+    if path.is_dir():
+        return path
+    message = (f"{SHARED_SKIP}: no shared test data folder at {path} "
+               "(expected beside the repository checkout; set MUPAD_SHARED_DATA=/path/to/data)")
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI: {message}", pytrace=False)
+    from shared_fetch import fetch_shared
+
+    present, missing = fetch_shared(FETCHED)
+    _FETCH_REPORT.extend(missing)
+    if not present:
+        pytest.skip(f"{message}; fetching from the public sources failed ({missing[0] if missing else 'nothing listed'})")
+    return FETCHED
+
+
+def _home() -> Path:
+    return Path(os.environ.get("MUPAD_HOME") or "~/.cache/mupad").expanduser()
+
+
+FETCHED = _home() / "shared-data"
+_FETCH_REPORT: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that reads a shared file which could not be fetched is skipped, not failed."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is None or report.when not in ("setup", "call") or _shared_data_dir().is_dir():
+        return
+    import re
+
+    text = str(call.excinfo.value)
+    named = re.findall(re.escape(str(FETCHED)) + r"/[^'\"\s,)\]]+", text)
+    absent = [path for path in named if not Path(path).exists()]
+    if absent:  # the failure names a shared file that could not be fetched
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0,
+                           f"Skipped: {SHARED_SKIP}: {absent[0]} was not fetched")
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +88,7 @@ def cmu1() -> Path:
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if SHARED_SKIP in str(r.longrepr)]
     if skipped:
+        fetched = f"; {len(_FETCH_REPORT)} file(s) could not be fetched, e.g. {_FETCH_REPORT[0]}" if _FETCH_REPORT else ""
         terminalreporter.write_line(
-            f"shared data: {len(skipped)} test(s) skipped because {_shared_data_dir()} is absent "
+            f"shared data: {len(skipped)} test(s) skipped because {_shared_data_dir()} is absent{fetched} "
             "(clone the project beside its shared/ folder or set MUPAD_SHARED_DATA to run them)", yellow=True)
