@@ -317,3 +317,13 @@ def test_large_image_is_written_in_bounded_memory(tmp_path):
     assert growth_mib < 96, f"peak RSS grew by {growth_mib:.0f} MiB writing a 192 MiB image"
     group = zarr.open_group(path, mode="r")
     assert [group[str(level)].shape[1:] for level in range(4)] == [(size >> level,) * 2 for level in range(4)]
+
+
+def test_unfinished_result_finds_the_newest_partial_of_a_name(tmp_path):
+    from mupad_core.store.omezarr import unfinished_result
+
+    assert unfinished_result(tmp_path, "roi") is None
+    for name in ("roi.ome.zarr.partial", "roi-2.ome.zarr.partial", "roi-extra.ome.zarr.partial", "roi-3.ome.zarr"):
+        (tmp_path / name).mkdir()
+        time.sleep(0.01)
+    assert unfinished_result(tmp_path, "roi") == tmp_path / "roi-2.ome.zarr"  # not another name, not a finished one

@@ -241,9 +241,8 @@ def generate_to_omezarr(gen: RegionGenerator, out_path: str | Path, height: int,
                         source: dict | None = None) -> list[Path]:
     """Generate one region into an OME-Zarr (the mean of `samples`; with more than one, their
     spread beside it as NAME.spread.ome.zarr). Returns the stores written."""
-    from .. import __version__
     from ..store import PyramidWriter, spread_path
-    from .uncertainty import mean_and_spread, sample_seeds
+    from .uncertainty import mean_and_spread
 
     out_path = Path(out_path)
     for path in (out_path, spread_path(out_path)) if samples > 1 else (out_path,):
@@ -252,10 +251,8 @@ def generate_to_omezarr(gen: RegionGenerator, out_path: str | Path, height: int,
     drawn = generate_samples(gen, height, width, conditions, samples=samples, seed=seed, steps=steps,
                              guidance=guidance, progress=progress)
     mean, spread = mean_and_spread(drawn, one_channel=True)
-    provenance = {"model_id": gen.model_id, "weights_hash": gen.weights_hash, "task": "generate",
-                  "condition": condition_record, "seed": seed, "steps": steps, "guidance": guidance,
-                  "samples": samples, "sample_seeds": sample_seeds(seed, samples),
-                  "software": f"napari-mupad {__version__}", **({"source": source} if source else {})}
+    provenance = generation_provenance(gen, "generate", condition_record, seed=seed, steps=steps, guidance=guidance,
+                                       samples=samples, **({"source": source} if source else {}))
     common = dict(mpp=None if mpp is None else (mpp, mpp), overwrite=overwrite, origin=origin)
     written = []
     if samples > 1:  # the spread first: a finished mean always has its spread
@@ -270,6 +267,22 @@ def generate_to_omezarr(gen: RegionGenerator, out_path: str | Path, height: int,
     writer.write_tile(0, 0, _to_uint8(mean))
     written.insert(0, writer.finalize())
     return written
+
+
+def generation_provenance(gen: RegionGenerator, task: str, condition: dict, *, seed: int | None = None, steps: int,
+                          guidance: float, samples: int = 1, **extra) -> dict:
+    """What a generated region records about its making; one definition for the CLI, the
+    stores and the napari layers (which keep it in their metadata until exported)."""
+    from .. import __version__
+    from ..store.omezarr import NOTICE
+    from .uncertainty import sample_seeds
+
+    record = {"model_id": gen.model_id, "weights_hash": gen.weights_hash, "task": task, "condition": condition}
+    if seed is not None:
+        record.update(seed=seed, sample_seeds=sample_seeds(seed, samples))
+    record.update(steps=steps, guidance=guidance, samples=samples, **extra,
+                  software=f"napari-mupad {__version__}", generated=True, not_for_diagnosis=True, notice=NOTICE)
+    return record
 
 
 def _to_uint8(pixels: torch.Tensor) -> np.ndarray:

@@ -453,6 +453,20 @@ class PyramidWriter:
         _remove(replaced)
 
 
+def unfinished_result(out_dir: str | os.PathLike[str], name: str) -> Path | None:
+    """The newest NAME.ome.zarr or NAME-n.ome.zarr (the numbering of a name already taken) in
+    `out_dir` whose `.partial` is still there: the result a resume would continue."""
+    def numbered(rest: str) -> bool:  # "-2.ome.zarr.partial"
+        return rest.startswith("-") and rest[1:].split(".")[0].isdigit()
+
+    candidates = [p for p in Path(out_dir).glob(f"{name}*.ome.zarr{PARTIAL_SUFFIX}")
+                  if p.name == f"{name}.ome.zarr{PARTIAL_SUFFIX}" or numbered(p.name[len(name):])]
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    return newest.with_name(newest.name.removesuffix(PARTIAL_SUFFIX))
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)

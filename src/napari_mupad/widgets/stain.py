@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
 )
 
 from mupad_core.generate.config import StainConfig, model_pipeline
+from mupad_core.store.omezarr import unfinished_result
 from mupad_core.tasks import SLIDE_TASKS, supports_strength
 
 from . import _geometry as geo
@@ -406,7 +407,7 @@ class StainWidget(JobControls, QWidget):
         taken: set[Path] = set()
         for i, roi in enumerate(rois):
             name = f"{stem}-x{roi[0]}-y{roi[1]}-{roi[2]}x{roi[3]}"
-            unfinished = self._unfinished(out_dir, name) if self.resume_check.isChecked() else None
+            unfinished = unfinished_result(out_dir, name) if self.resume_check.isChecked() else None
             out = unfinished or unique_path(out_dir, name, taken=taken)
             taken.add(out)
             job = StainJob(i, roi, out, f"{source.name} {task} [{roi[0]},{roi[1]} {roi[2]}x{roi[3]}]")
@@ -515,18 +516,6 @@ class StainWidget(JobControls, QWidget):
         source.metadata["mpp"] = (stated, stated)
         source.metadata["mpp_stated"] = "stated in the Virtual stain widget"
 
-    @staticmethod
-    def _unfinished(out_dir: Path, name: str) -> Path | None:
-        """The newest NAME(-n).ome.zarr whose .partial is still there, if any."""
-        def numbered(rest: str) -> bool:  # "-2.ome.zarr.partial": the unique_path numbering
-            return rest.startswith("-") and rest[1:].split(".")[0].isdigit()
-
-        candidates = [p for p in out_dir.glob(f"{name}*.ome.zarr.partial")
-                      if p.name == f"{name}.ome.zarr.partial" or numbered(p.name[len(name):])]
-        if not candidates:
-            return None
-        newest = max(candidates, key=lambda p: p.stat().st_mtime)
-        return newest.with_name(newest.name.removesuffix(".partial"))
 
     # -- worker events (GUI thread) ----------------------------------------------------
     def _on_block(self, index: int, done: int, total: int) -> None:
