@@ -293,7 +293,7 @@ def test_cancel_stops_generation_and_adds_nothing(slide_viewer, checkpoint, qtbo
     widget.model_combo.setCurrentText(str(checkpoint))
     widget.steps_spin.setValue(500)
     steps = []
-    widget._relay.step.connect(lambda i, done, total: steps.append(done))
+    widget._relay.progress.connect(lambda i, done, total: steps.append(done))
     layers_before = len(viewer.layers)
     widget.run()
     qtbot.waitUntil(lambda: len(steps) >= 2, timeout=60_000)

@@ -197,7 +197,7 @@ def test_tiny_sit_overlay_streams_in_and_changes_the_screen_only_where_it_lies(s
             data = running[0].data[0] if running[0].multiscale else running[0].data
             states.append((done, total, float(np.asarray(data[:, :, 3]).mean() / 255)))
 
-    widget._relay.block.connect(watch)
+    widget._relay.progress.connect(watch)
     _run(widget, qtbot)
     job = widget.jobs[0]
     assert job.status == "done", widget.status_label.text()
@@ -294,7 +294,7 @@ def test_cancel_mid_run_keeps_napari_responsive_and_leaves_nothing_complete(slid
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start(20)
     blocks = []
-    widget._relay.block.connect(lambda i, done, total: blocks.append((done, total)))
+    widget._relay.progress.connect(lambda i, done, total: blocks.append((done, total)))
     layers_before = len(viewer.layers)
     widget.run()
     assert widget.running
@@ -502,9 +502,9 @@ def test_cancelled_result_resumes_into_the_same_store(slide_viewer, tmp_path, qt
         if done == 2:
             widget._cancel.set()
 
-    widget._relay.block.connect(cancel_after_two, Qt.ConnectionType.DirectConnection)
+    widget._relay.progress.connect(cancel_after_two, Qt.ConnectionType.DirectConnection)
     _run(widget, qtbot)
-    widget._relay.block.disconnect(cancel_after_two)
+    widget._relay.progress.disconnect(cancel_after_two)
     cancelled = widget.jobs[0]
     assert cancelled.status == "cancelled" and not cancelled.out.exists()
     record = json.loads((cancelled.out.with_name(cancelled.out.name + ".partial") / PROGRESS_FILE).read_text())

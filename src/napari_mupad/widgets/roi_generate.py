@@ -26,7 +26,6 @@ import napari.viewer
 import numpy as np
 from napari.layers import Image, Shapes
 from napari.utils.notifications import show_info
-from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -43,6 +42,7 @@ from qtpy.QtWidgets import (
 )
 
 from . import _geometry as geo
+from ._relay import Relay
 from ._worker import JobControls, main_thread_torch_threads, match_torch_threads, resolve_device
 
 CONDITIONS = ("Text prompt", "RNA profile", "Reference image", "Translate region (FF→FFPE)")
@@ -75,13 +75,8 @@ def generation_models() -> list[str]:
         return []
 
 
-class _Relay(QObject):
-    step = Signal(int, int, int)  # job index, steps done, total
-    result = Signal(int, object, object, object)  # job index, (H, W, C) uint8, provenance, spread (H, W) or None
-
-
 def _generate_worker(model: str, device: str, threads: int, kind: str, value, jobs: list, steps: int, seed: int,
-                     guidance: float, cancel: threading.Event, relay: _Relay, samples: int = 1) -> list:
+                     guidance: float, cancel: threading.Event, relay: Relay, samples: int = 1) -> list:
     """Worker thread: load the model, encode the condition, sample each rectangle."""
     match_torch_threads(threads)
     from mupad_core.generate.engine import Cancelled
@@ -100,7 +95,7 @@ def _generate_worker(model: str, device: str, threads: int, kind: str, value, jo
         cond = shared if kind != "image" else condition_from(gen, "image", reference)[0]
 
         def progress(done, total, index=index):
-            relay.step.emit(index, done, total)
+            relay.progress.emit(index, done, total)
             if cancel.is_set():
                 raise Cancelled()
 
@@ -115,13 +110,13 @@ def _generate_worker(model: str, device: str, threads: int, kind: str, value, jo
         spread_out = (spread[0].numpy() * 255).round().astype(np.uint8) if samples > 1 else None
         provenance = generation_provenance(gen, "generate", provenance_condition, seed=seed + index, steps=steps,
                                            guidance=guidance, samples=samples)
-        relay.result.emit(index, out, provenance, spread_out)
+        relay.result.emit(index, (out, provenance, spread_out))
         results.append((index, "done"))
     return results
 
 
 def _translate_jobs(gen, value, jobs: list, steps: int, guidance: float, cancel: threading.Event,
-                    relay: _Relay) -> list:
+                    relay: Relay) -> list:
     """Worker thread: each rectangle's section pixels, translated to the target prompt's domain."""
     from skimage.transform import resize
 
@@ -143,7 +138,7 @@ def _translate_jobs(gen, value, jobs: list, steps: int, guidance: float, cancel:
         pixels = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
         def progress(done, total, index=index):
-            relay.step.emit(index, done, total)
+            relay.progress.emit(index, done, total)
             if cancel.is_set():
                 raise Cancelled()
 
@@ -157,7 +152,7 @@ def _translate_jobs(gen, value, jobs: list, steps: int, guidance: float, cancel:
                      "target_prompt": target_prompt, "inject_steps": inject_steps}
         provenance = generation_provenance(gen, "ff2ffpe", condition, steps=steps, guidance=guidance,
                                            network_passes=result.network_passes)
-        relay.result.emit(index, out, provenance, None)
+        relay.result.emit(index, (out, provenance, None))
         results.append((index, "done"))
     return results
 
@@ -171,10 +166,10 @@ class RoiGenerateWidget(JobControls, QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        self._init_job_state(napari_viewer, _Relay())
+        self._init_job_state(napari_viewer, Relay())
         self.jobs: list[RoiJob] = []
-        self._relay.step.connect(lambda *a: self._events.post(self._on_step, *a))
-        self._relay.result.connect(lambda *a: self._events.post(self._on_result, *a))
+        self._relay.progress.connect(lambda *a: self._events.post(self._on_step, *a))
+        self._relay.result.connect(lambda i, payload: self._events.post(self._on_result, i, *payload))
 
         self.shapes_combo = QComboBox()
         self.condition_combo = QComboBox()

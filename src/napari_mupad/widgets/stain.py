@@ -21,7 +21,6 @@ import numpy as np
 import napari.viewer
 from napari.layers import Image, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -43,6 +42,7 @@ from mupad_core.tasks import SLIDE_TASKS, supports_strength
 
 from . import _geometry as geo
 from ._compare import SideBySide
+from ._relay import Relay
 from ._worker import (
     JobControls,
     default_output_dir,
@@ -84,16 +84,9 @@ def restaining_models() -> list[str]:
         return []
 
 
-class _Relay(QObject):
-    """Signals the worker emits from its thread; delivered queued on the GUI thread."""
-
-    block = Signal(int, int, int)  # job index, blocks done, blocks total
-    finished_job = Signal(int, str)  # job index, final store path
-
-
 def _stain_worker(slide_path: str, mpp: float | None, model: str, task: str, device: str, threads: int | None,
                   jobs: list[tuple[int, tuple, str, bool, list | None]], engine: dict, cancel: threading.Event,
-                  relay: _Relay) -> list:
+                  relay: Relay) -> list:
     """Runs in a worker thread: load the model once, stain each ROI. Returns [(index, status, path)]."""
     match_torch_threads(threads)
     from mupad_core.generate.engine import Cancelled, StainConfig, run_stain
@@ -111,7 +104,7 @@ def _stain_worker(slide_path: str, mpp: float | None, model: str, task: str, dev
                 continue
 
             def progress(done, total, index=index):
-                relay.block.emit(index, done, total)
+                relay.progress.emit(index, done, total)
                 if cancel.is_set() and done < total:  # after the last block: let it finish
                     raise Cancelled()
 
@@ -122,7 +115,7 @@ def _stain_worker(slide_path: str, mpp: float | None, model: str, task: str, dev
             except Cancelled:
                 results.append((index, "cancelled", out))
                 continue
-            relay.finished_job.emit(index, str(final))
+            relay.result.emit(index, str(final))
             results.append((index, "done", str(final)))
     return results
 
@@ -136,13 +129,13 @@ class StainWidget(JobControls, QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        self._init_job_state(napari_viewer, _Relay())
+        self._init_job_state(napari_viewer, Relay())
         self.jobs: list[StainJob] = []
         self.side_by_side = SideBySide(napari_viewer)
         self._job_polygons: list = []  # per ROI: a polygon outline (level-0 x, y) to mask by, or None
         self._source_name: str | None = None
-        self._relay.block.connect(lambda *a: self._events.post(self._on_block, *a))
-        self._relay.finished_job.connect(lambda *a: self._events.post(self._on_job_done, *a))
+        self._relay.progress.connect(lambda *a: self._events.post(self._on_block, *a))
+        self._relay.result.connect(lambda *a: self._events.post(self._on_job_done, *a))
         # Engine settings the form does not show (tests and power users may change them).
         self.engine_options: dict = {"batch_size": 8}
         self._engine: dict = {}  # the settings of the run in progress

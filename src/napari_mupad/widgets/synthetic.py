@@ -21,7 +21,6 @@ import napari
 import napari.viewer
 import numpy as np
 from napari.utils.notifications import show_info
-from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -37,6 +36,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._relay import Relay
 from ._worker import JobControls, main_thread_torch_threads, match_torch_threads, resolve_device
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -63,12 +63,8 @@ def variation_models() -> list[str]:
         return []
 
 
-class _Relay(QObject):
-    image = Signal(int, int)  # images done, total
-
-
 def _augment_worker(in_dir: str, out_dir: str, settings, device: str, threads: int | None,
-                    cancel: threading.Event, relay: _Relay):
+                    cancel: threading.Event, relay: Relay):
     """Worker thread: the whole augment run; returns (out_dir, counts) or None when cancelled."""
     match_torch_threads(threads)
     import json
@@ -77,7 +73,7 @@ def _augment_worker(in_dir: str, out_dir: str, settings, device: str, threads: i
     from mupad_core.generate.synthetic import SETTINGS_FILE, augment
 
     def progress(done, total):
-        relay.image.emit(done, total)
+        relay.progress.emit(0, done, total)
         if cancel.is_set():
             raise Cancelled()
 
@@ -136,9 +132,9 @@ class SyntheticDataWidget(JobControls, QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        self._init_job_state(napari_viewer, _Relay())
+        self._init_job_state(napari_viewer, Relay())
         self.jobs: list[SyntheticJob] = []
-        self._relay.image.connect(lambda *a: self._events.post(self._on_image, *a))
+        self._relay.progress.connect(lambda _job, done, total: self._events.post(self._on_image, done, total))
 
         self.input_edit = QLineEdit()
         self.input_edit.setPlaceholderText("class folders: IN/<class>/<image>.png")
