@@ -131,3 +131,14 @@ def test_contiguous_pixels_match_numpy_for_any_slices(tmp_path):
     for key in [(slice(None),), (slice(1, 2), slice(2, 6), slice(1, 4)), (slice(0, 2), slice(0, 7), slice(0, 5), slice(1, 2)),
                 (slice(None), slice(None, None, 2)), (slice(1, 1),)]:
         np.testing.assert_array_equal(pixels[key], array[key])
+
+
+def test_a_png_over_pils_decompression_bomb_limit_opens(he_image, tmp_path, monkeypatch):
+    """PIL refuses images over ~179 megapixels by default; a slide exported as PNG often is."""
+    from PIL import Image as PILImage
+
+    path = write_flat(tmp_path / "big.png", he_image[:600, :800].copy(), "png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # this PNG is 480,000 px: "a bomb"
+    with open_slide(path, mpp=0.5, overview=False) as reader:
+        np.testing.assert_array_equal(np.asarray(reader.levels[0]), he_image[:600, :800])
+    assert PILImage.MAX_IMAGE_PIXELS == 1000  # the limit is PIL's again afterwards

@@ -9,6 +9,7 @@ when their unit is a length; PNG/JPEG dpi fields are screen placeholders and are
 
 from __future__ import annotations
 
+import contextlib
 import os
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -245,6 +246,20 @@ class TiffFileReader(SlideReader):
         self._tif.close()
 
 
+@contextlib.contextmanager
+def open_large_image(path: Path):
+    """PIL's Image.open without its decompression-bomb limit (about 179 megapixels): a whole
+    slide exported as PNG is a file the user chose to open, routinely larger than that. The
+    limit is PIL-global, so it is lifted only while this image is open and put back after."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as image:
+            yield image
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 class PlainImageReader(SlideReader):
     """PNG, JPEG and other flat images PIL decodes: one level, decoded on first read.
 
@@ -257,7 +272,7 @@ class PlainImageReader(SlideReader):
     def __init__(self, path: str | os.PathLike, mpp: MppLike | None = None, *, require_mpp: bool = True):
         path = Path(path)
         try:
-            with Image.open(path) as image:
+            with open_large_image(path) as image:
                 mode, (width, height), image_format = image.mode, image.size, image.format or "image"
                 properties = {
                     key: value for key, value in image.info.items() if isinstance(value, (str, int, float, tuple))
@@ -269,7 +284,7 @@ class PlainImageReader(SlideReader):
         shape = (height, width, 1 if kind == "fluorescence" else 3)
 
         def decode() -> np.ndarray:
-            with Image.open(path) as image:
+            with open_large_image(path) as image:
                 if kind == "fluorescence":
                     return np.asarray(image, dtype=dtype).reshape(shape)
                 if image.mode == "RGB":  # no alpha to composite: one copy, not three
