@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slide_throughput import machine_lines, peak_rss  # noqa: E402
+from slide_throughput import machine_lines, peak_rss, run_json_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CMU = REPO / "src" / "mupad_core" / "data" / "CMU-1-Small-Region.svs"
@@ -127,10 +126,7 @@ def in_process(args) -> None:
 def run_step(step: str, path: Path, home: Path) -> dict:
     import os
 
-    env = {**os.environ, "MUPAD_HOME": str(home)}
-    output = subprocess.run([sys.executable, __file__, "--step", step, "--file", str(path)], check=True,
-                            capture_output=True, text=True, env=env).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return run_json_step(__file__, ["--step", step, "--file", str(path)], env={**os.environ, "MUPAD_HOME": str(home)})
 
 
 def main(argv=None) -> None:

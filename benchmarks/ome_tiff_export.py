@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slide_throughput import SLIDE_VERSION, machine_lines, make_slide, peak_rss  # noqa: E402
+from slide_throughput import SLIDE_VERSION, machine_lines, make_slide, peak_rss, run_json_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 4096
@@ -99,10 +99,8 @@ def in_process(args) -> None:
 
 
 def run_step(step: str, store: Path, tiff: Path, compression: str) -> dict:
-    command = [sys.executable, __file__, "--step", step, "--store", str(store), "--tiff", str(tiff),
-               "--compression", compression]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return run_json_step(__file__, ["--step", step, "--store", str(store), "--tiff", str(tiff),
+                                    "--compression", compression])
 
 
 def result_store(size: int, workdir: Path) -> Path:

@@ -352,6 +352,14 @@ def run_phase(args) -> dict:
     return result
 
 
+def run_json_step(script: str, args: list[str], env: dict | None = None) -> dict:
+    """Run one measured step of a benchmark in a fresh process (`script --step ...`) and return
+    the JSON object its last line prints: peak memory is then that step's alone."""
+    output = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True,
+                            env=env).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def peak_rss() -> int:
     """Peak resident set of this process in bytes: VmHWM, which (unlike ru_maxrss on Linux)
     does not carry over the parent's peak across fork + exec."""
