@@ -37,7 +37,6 @@ from qtpy.QtWidgets import (
 )
 
 from mupad_core.generate.config import StainConfig, model_pipeline
-from mupad_core.store.omezarr import unfinished_result
 from mupad_core.tasks import SLIDE_TASKS, supports_strength
 
 from . import _geometry as geo
@@ -397,6 +396,8 @@ class StainWidget(JobControls, QWidget):
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"{Path(source.metadata['path']).name.split('.')[0]}-{task.replace(':', '-')}"
         self.jobs = []
+        from mupad_core.store.omezarr import unfinished_result  # zarr only once a run starts
+
         taken: set[Path] = set()
         for i, roi in enumerate(rois):
             name = f"{stem}-x{roi[0]}-y{roi[1]}-{roi[2]}x{roi[3]}"

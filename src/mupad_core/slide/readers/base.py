@@ -211,15 +211,15 @@ class ContiguousPixels:
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
+        items = [key[axis] if axis < len(key) else slice(None) for axis in range(self.ndim)]
+        if not all(isinstance(item, slice) and (item.step or 1) > 0 for item in items):
+            raise TypeError(f"{self.path}: only slices with a positive step are supported, got {key!r}")
+        if any((item.step or 1) != 1 for item in items):  # read the span, then take every n-th
+            span = tuple(slice(item.start, item.stop) for item in items)
+            return self[span][tuple(slice(None, None, item.step) for item in items)]
         ranges = []
-        for axis, extent in enumerate(self.shape):
-            item = key[axis] if axis < len(key) else slice(None)
-            if not isinstance(item, slice):
-                raise TypeError(f"{self.path}: only slices are supported, got {item!r}")
-            start, stop, step = item.indices(extent)
-            if step != 1:
-                return self[tuple(slice(a, b) for a, b in ranges) + (slice(start, stop),)
-                            + tuple(slice(None) for _ in range(axis + 1, self.ndim))][(slice(None),) * axis + (item,)]
+        for item, extent in zip(items, self.shape):
+            start, stop, _ = item.indices(extent)
             ranges.append((start, max(start, stop)))
         out_shape = tuple(b - a for a, b in ranges)
         out = np.empty(out_shape, self.dtype)
