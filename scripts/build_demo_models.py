@@ -26,7 +26,7 @@ BUNDLED = REPO / "src" / "mupad_core" / "data" / "models"
 # name -> (config, what the held-out evaluation measures)
 DEMO_MODELS = {
     "demo-he2mif": ("configs/demo-he2mif-deepliif.yaml", "stain"),
-    "demo-he2ihc": ("configs/demo-he2ihc-birl.yaml", "stain"),
+    "demo-he2ihc": ("configs/demo-he2ihc-ki67.yaml", "stain"),
     "demo-text2he": ("configs/demo-text2he.yaml", "denoising"),
     "demo-he2he": ("configs/demo-he2he.yaml", "denoising"),
     "demo-he2ihc-flow": ("configs/demo-he2ihc-flow.yaml", "stain"),
@@ -44,10 +44,14 @@ DATA_NOTES = {
                    "brightfield as source, co-registered DAPI, Lap2beta and Ki67 immunofluorescence as target, 40x "
                    "(0.25 um/px). 480 random 128-px crops of columns 0-383 train (latents cached once, one frozen "
                    "flip/turn each); columns 384-511 are held out.",
-    "demo-he2ihc": "BIRL's mouse-lung lesion (Borda/BIRL, data-images/lesions_/scale-5pc; BSD-3-Clause; "
-                   "CIMA/ANHIR data): H&E and the consecutive proSPC IHC section at 5 % scale (~4.6 um/px), the IHC "
-                   "registered onto the H&E by an affine fit to the 78 manual landmark pairs. The left 70 % "
-                   "trains; the right 30 % is held out. Consecutive sections are not the same cells.",
+    "demo-he2ihc": "Real Ki67 IHC (DAB + haematoxylin) only, resampled to 0.5 um/px: DeepLIIF's large-tissue regions "
+                   "ROI_1 and ROI_7 and the IHC panel of Lung1 (nadeemlab/DeepLIIF; Apache 2.0 with Commons Clause, "
+                   "so it may not be sold; MSKCC data, Zenodo 4751737) and OpenSlide's OS-2 Ki67 crop scanned on a "
+                   "Hamamatsu and an Olympus scanner (petebankhead/2022-qupath-cell-detection; OpenSlide test data, "
+                   "free to use and distribute). 128-px crops, each listed three times (the latent cache freezes "
+                   "three flips/turns and stain jitters of it). Each crop is its own target; the source the model "
+                   "sees is the crop's haematoxylin alone (colour deconvolution, source_view: haematoxylin), which "
+                   "is what it is given of an H&E at inference. DeepLIIF's ROI_127 is held out whole.",
     "demo-text2he": "256-px crops at 0.5 um/px (20x) of real H&E: MoNuSeg's 40 TCGA tiles (ten organs, 17 frozen "
                     "and 23 FFPE sections, 40x, resampled; Kumar et al., CC BY-NC-SA 4.0: non-commercial, share "
                     "alike) and GlaS's 145 graded colon images (20x; Warwick-QU, research use only, non-commercial). "
@@ -73,6 +77,14 @@ LIMITS = {
                     "pixel-codec model); the caption barely steers it (held-out denoising loss above: with vs "
                     "without the caption) and does not separate benign from malignant colon. More training, on "
                     "a GPU, is the next step. Judge nothing clinical by it.",
+    "demo-he2ihc": "it has never seen an H&E and an IHC of the same cells: it learnt IHC from the haematoxylin "
+                   "of real IHC, so on an H&E it keeps the nuclei and counterstain and guesses which nuclei are "
+                   "Ki67-positive from their look alone (size, darkness, texture). It cannot know a marker's true "
+                   "status, and its held-out DAB scores are measured on the haematoxylin of real IHC, which carries "
+                   "a faint trace of DAB (colour deconvolution leaks some into the haematoxylin of a positive "
+                   "nucleus) that an H&E does not: on H&E its positivity is a guess. Ki67 only, two tissues (lung "
+                   "and OS-2), four scanners. docs/evaluation.md compares it with pix2pix, CycleGAN and arithmetic "
+                   "floors on the held-out region. Judge nothing clinical by it.",
     "demo-he2mif": "one 512-px training panel (three quarters of it) from one lung sample: the model has seen "
                    "one tissue, one scanner and one IHC stain as its input. Marker maps are predicted from the "
                    "brightfield (Ki67 IHC) image's texture and colour; a membrane marker (Lap2beta) is the hard "

@@ -21,6 +21,10 @@ training, and `manifest.csv`.
   and FF→FFPE by inversion between the "frozen" and "FFPE" captions.
 - `deepliif_crops/`: 128-px crops of the training part of `deepliif/` (the same split), for
   models whose latents are cached once (a pretrained codec costs more per step than training).
+- `ki67_ihc/`: real Ki67 IHC at 0.5 µm/px (DeepLIIF's large-tissue regions and Lung1 IHC
+  panel, the OpenSlide OS-2 crops scanned on two scanners) as 128-px crops, each its own
+  source and target: a model with `source_view: haematoxylin` learns IHC from the IHC's own
+  haematoxylin, the part of it an H&E shares. ROI_127 is held out whole.
 - `birl/`: BIRL's mouse-lung H&E and proSPC IHC consecutive sections (5 % scale), the IHC
   registered onto the H&E by the affine transform fitted to the 78 manual landmark pairs.
   The right 30 % is held out.
@@ -40,6 +44,8 @@ MIF_MARKERS = ("DAPI", "Lap2beta", "Ki67")
 MIF_COLORS = ("0000FF", "00FF00", "FF0000")
 DEEPLIIF_MPP = 0.25  # 40x; DeepLIIF's README gives 512-px tiles at 40x
 BIRL_MPP = 4.6  # 5 % of the ANHIR scans (~0.23 µm/px)
+KI67_MPP = 0.5  # 20x: where a pathologist reads Ki67
+KI67_CROP = 128
 
 
 def prepare_deepliif(shared: Path, out: Path) -> Path:
@@ -264,6 +270,44 @@ def prepare_deepliif_crops(shared: Path, out: Path, n: int = 480, size: int = 12
     return folder
 
 
+def prepare_ki67_ihc(shared: Path, out: Path, copies: int = 3) -> Path:
+    """Ki67 IHC regions resampled to 0.5 µm/px: 128-px training crops (each listed `copies`
+    times: the latent cache freezes that many flips/turns and stain jitters of it) and the
+    held-out ROI_127 whole. Source and target are the same file; the model's source view
+    turns the source into its haematoxylin."""
+    import tifffile
+
+    folder = out / "ki67_ihc"
+    folder.mkdir(parents=True, exist_ok=True)
+    large = shared / "ihc" / "deepliif-large-tissues"
+    lung1 = np.asarray(Image.open(shared / "mif" / "deepliif" / "Lung1.png").convert("RGB"))[:, :512]
+    images = [  # (name, pixels, µm/px, crops per crop-width, split)
+        ("roi1", Image.open(large / "ROI_1.png"), DEEPLIIF_MPP, 2.0, "train"),
+        ("roi7", Image.open(large / "ROI_7.png"), DEEPLIIF_MPP, 2.0, "train"),
+        ("lung1", Image.fromarray(lung1), DEEPLIIF_MPP, 2.0, "train"),
+        ("os2_ndpi", Image.fromarray(tifffile.imread(shared / "ihc" / "OS-2-ndpi.ome.tif")), 0.227, 1.0, "train"),
+        ("os2_vsi", Image.fromarray(tifffile.imread(shared / "ihc" / "OS-2-vsi.ome.tif")), 0.346, 1.0, "train"),
+        ("roi127", Image.open(large / "ROI_127.png"), DEEPLIIF_MPP, 0.0, "val"),
+    ]
+    rows = []
+    for name, image, mpp, density, split in images:
+        if split == "val":
+            scale = mpp / KI67_MPP
+            size = (round(image.width * scale), round(image.height * scale))
+            _save_png(image.convert("RGB").resize(size, Image.Resampling.BOX), folder / f"{name}.png")
+            rows.append({"source": f"{name}.png", "target": f"{name}.png", "split": split})
+            continue
+        for k, crop in enumerate(_crops(image, mpp / KI67_MPP, KI67_CROP, density=density)):
+            file = f"{name}_{k:03d}.png"
+            _save_png(crop, folder / file)
+            rows += [{"source": file, "target": file, "split": split}] * copies
+    with (folder / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["source", "target", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
 def _save_png(image: Image.Image | np.ndarray, path: Path) -> None:
     """Write then rename: a training run reading the folder never sees half a file."""
     image = Image.fromarray(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
@@ -296,7 +340,7 @@ def main(argv=None) -> int:
     if not (shared / "mif" / "deepliif" / "Lung1.png").is_file():
         raise SystemExit(f"{shared}: not the shared data folder (no mif/deepliif/Lung1.png)")
     for prepare in (prepare_deepliif, prepare_birl, prepare_he_captions, prepare_stain_domains, prepare_he_atlas,
-                    prepare_deepliif_crops):
+                    prepare_deepliif_crops, prepare_ki67_ihc):
         print(prepare(shared, out))
     return 0
 

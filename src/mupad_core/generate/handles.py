@@ -18,8 +18,9 @@ from typing import Any, Protocol
 
 import torch
 
+from ..slide.stains import source_view
+from .config import model_defaults, model_pipeline  # noqa: F401  (model_defaults re-exported: callers import it from here)
 from .fusion import Window
-from .config import model_defaults  # noqa: F401  (re-exported: callers import it from here)
 from .tiled_vae import tiled_decode, tiled_encode
 
 
@@ -75,6 +76,10 @@ class SiTImageToImageHandle:
 
     passthrough = False
     image_encoder = token_map = image_px = mpp = None
+    source_view = None  # what the model sees of the source pixels (slide/stains.py), from its pipeline
+
+    def viewed(self, source: torch.Tensor) -> torch.Tensor:
+        return self.source_view(source) if self.source_view is not None else source
 
     def __init__(self, model, codec, model_id: str, weights_hash: str, device="cpu", dtype=torch.float32,
                  channel_names: list[str] | None = None, channel_colors: list[str] | None = None,
@@ -108,6 +113,7 @@ class SiTImageToImageHandle:
         return self.image_encoder is not None
 
     def prepare(self, source: torch.Tensor) -> PreparedBlock:
+        source = self.viewed(source)
         template = getattr(self, "model", None) is None or self.model.config.concat_channels
         latent = tiled_encode(self.codec, source.to(self.device)) if template else None
         return PreparedBlock(source_latent=latent, source=source if self.conditioned else None)
@@ -240,6 +246,7 @@ class OnePassHandle(SiTImageToImageHandle):
         self.channel_names = self.channel_colors = None
 
     def prepare(self, source: torch.Tensor) -> PreparedBlock:
+        source = self.viewed(source)
         return PreparedBlock(source_latent=self.codec.encode(source.to(self.device)[None])[0])
 
     @torch.no_grad()
@@ -261,6 +268,9 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
         return IdentityHandle()
     handle = _load_checkpoint_handle(spec, task, device)
     handle.mpp = model_defaults(spec).get("mpp") or handle.mpp  # a flow falls back on its generator's
+    view = model_pipeline(spec).get("source_view")
+    if view:
+        handle.source_view = source_view(view, f"{spec}: mupad_pipeline.json source_view")
     return handle
 
 

@@ -30,11 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from skimage.color import hed_from_rgb, rgb_from_hed
 
-# scikit-image's scaling of optical density (it divides log(rgb) by log(1e-6)).
-_LOG_ADJUST = math.log(1e-6)
-_EPS = 1e-6
+from ..slide.stains import hed_to_rgb, rgb_to_hed, source_view  # noqa: F401  (re-exported: the jitter works in HED space)
 
 
 def _triple(value: float | Sequence[float], name: str) -> tuple[float, float, float]:
@@ -47,22 +44,6 @@ def _triple(value: float | Sequence[float], name: str) -> tuple[float, float, fl
 def _check_rgb(image: torch.Tensor) -> None:
     if image.dim() not in (3, 4) or image.shape[-3] != 3:
         raise ValueError(f"stain jitter needs RGB images shaped (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
-
-
-def rgb_to_hed(image: torch.Tensor) -> torch.Tensor:
-    """(…, 3, H, W) RGB in [0, 1] to stain amounts in `rgb2hed`'s units, not clamped."""
-    _check_rgb(image)
-    matrix = torch.as_tensor(hed_from_rgb, dtype=torch.float32, device=image.device)
-    od = torch.log(image.float().clamp_min(_EPS)) / _LOG_ADJUST
-    return torch.einsum("...chw,cd->...dhw", od, matrix)
-
-
-def hed_to_rgb(stains: torch.Tensor) -> torch.Tensor:
-    """Inverse of `rgb_to_hed` (`hed2rgb`'s formula), clipped to [0, 1]."""
-    _check_rgb(stains)
-    matrix = torch.as_tensor(rgb_from_hed, dtype=torch.float32, device=stains.device)
-    log_rgb = torch.einsum("...chw,cd->...dhw", stains.float(), matrix) * _LOG_ADJUST
-    return torch.exp(log_rgb).clamp(0, 1)
 
 
 @dataclass(frozen=True)
@@ -167,3 +148,26 @@ class PairAugment:
     def fingerprint(self) -> str:
         """A stable description (for caches built from augmented datasets)."""
         return repr(self)
+
+
+@dataclass(frozen=True)
+class SourceView:
+    """Give the model its view of the source (`slide.stains.SOURCE_VIEWS`) after `augment`
+    (stain jitter acts on the stained image, the view is what the model then sees)."""
+
+    view: str
+    augment: Any = None
+
+    def __post_init__(self):
+        source_view(self.view, "data.source_view")  # refuse an unknown name when built
+
+    def __call__(self, item: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        out = self.augment(item, generator) if self.augment is not None else dict(item)
+        view = source_view(self.view)
+        if view is not None and isinstance(out.get("source"), torch.Tensor):
+            out["source"] = view(out["source"])
+        return out
+
+    def fingerprint(self) -> str:
+        inner = self.augment.fingerprint() if hasattr(self.augment, "fingerprint") else repr(self.augment)
+        return f"SourceView({self.view!r}, {inner})"

@@ -15,12 +15,14 @@ from .distributed import Process, barrier
 
 
 def build_dataset(config: RunConfig):
-    from .augment import HEDJitter, PairAugment
+    from .augment import HEDJitter, PairAugment, SourceView
     from .datasets import ManifestDataset, SlidePatchDataset
 
     d = config.data
     stain = HEDJitter(d.hed_scale, d.hed_shift) if (d.hed_scale or d.hed_shift) else None
     transform = PairAugment(flips=d.dihedral, rot90=d.dihedral, stain=stain) if (stain or d.dihedral) else None
+    if d.source_view != "rgb":
+        transform = SourceView(d.source_view, transform)
     if d.kind == "manifest":
         return ManifestDataset(config.resolve(d.manifest), split=d.split, crop_size=d.crop_px,
                                target_channels=d.target_channels, transform=transform, seed=config.seed)

@@ -76,6 +76,7 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
         "vae": codec.vae if isinstance(codec, TokenCodec) else vae,  # a flow: its generator's codec
         "tasks": [config.task],
         "template": config.template,
+        **({"source_view": config.data.source_view} if config.data.source_view != "rgb" else {}),
         **({"kind": config.model["kind"]} if config.model.get("kind") else {}),  # e.g. a pix2pix baseline
         **({"generator": _portable_generator(config, folder), "flow_steps": int(config.model.get("flow_steps", 8))}
            if config.model.get("kind") == "embedding-flow" else {}),

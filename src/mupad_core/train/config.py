@@ -66,6 +66,9 @@ class DataConfig:
     hed_scale: float = 0.0  # H&E stain jitter on the source (HED scale half-width, e.g. 0.05); 0 = off
     hed_shift: float = 0.0  # HED shift half-width (e.g. 0.01)
     dihedral: bool = True  # flips and 90-degree turns, the same for source and target
+    # What the model sees of the source (slide/stains.py), in training and at inference:
+    # "rgb" (as read) or "haematoxylin" (the haematoxylin alone: H&E and IHC look alike).
+    source_view: str = "rgb"
     # A zarr cache of the items' latents and teacher features (train/latent_cache.py), built on
     # the first run and reused: long runs skip the frozen VAE and teacher. Each item is cached
     # as epoch 0 draws it (its crop and augmentation are frozen); size the data set with `length`.
@@ -209,6 +212,10 @@ def check_config(config: RunConfig, source: str) -> None:
         bad("task", f"{config.task!r} is not one of {', '.join(TASKS)}")
     if config.template not in (None, "source"):
         bad("template", f"must be null or 'source', got {config.template!r}")
+    from ..slide.stains import SOURCE_VIEWS
+
+    if config.data.source_view not in SOURCE_VIEWS:
+        bad("data.source_view", f"unknown view {config.data.source_view!r}; choose one of {', '.join(SOURCE_VIEWS)}")
     for modality, spec in config.conditions.items():
         if modality not in MODALITIES:
             bad("conditions", f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
@@ -265,8 +272,12 @@ def check_config(config: RunConfig, source: str) -> None:
         bad("data.kind", f"must be 'slides' or 'manifest', got {d.kind!r}")
     if d.kind == "slides" and not d.slides:
         bad("data.slides", "kind 'slides' needs at least one slide")
-    if d.cache and "image" in config.conditions:
+    image = config.conditions.get("image") or {}
+    if image.get("encoder") == "latent" and str(image.get("codec", "taef2")) != str(config.vae):
+        bad("conditions.image.codec", f"the latent encoder reads {image.get('codec', 'taef2')!r} latents but the model's "
+                                      f"vae is {config.vae!r}; set codec: {config.vae}")
+    if d.cache and image and image.get("encoder") != "latent":
         bad("data.cache", "the image condition encodes pixels at every step, which a latent cache does not keep; "
-                          "train without a cache, or condition on text/RNA only")
+                          "train without a cache, use the latent encoder (encoder: latent), or condition on text/RNA only")
     if d.kind == "manifest" and not d.manifest:
         bad("data.manifest", "kind 'manifest' needs the manifest path")
