@@ -273,6 +273,59 @@ class BuiltinImageEncoder(ConditionEncoder):
         return out if device is None else out.to(device)
 
 
+class LatentImageEncoder(ConditionEncoder):
+    """Reference tokens from the image's codec latent: a small CNN over the latent, pooled to a
+    coarse `grid` x `grid` of tokens.
+
+    Why the latent: a latent cache then feeds training without pixels (a pretrained codec
+    costs more per step than a small denoiser), and the tokens start from the codec's own
+    texture features. Why coarse: a 4x4 grid over a 256-px tile keeps the layout and the
+    look of the reference but not its pixels, so sampling under the same tokens gives
+    variations, not copies. `encode` takes pixels (the codec, named by `codec`, is loaded on
+    first use and never trained or saved); `encode_latents` takes the latents directly.
+    """
+
+    modality = "image"
+    takes_latents = True
+
+    def __init__(self, token_dim: int = 64, width: int = 128, depth: int = 2, grid: int = 4, codec: str = "taef2",
+                 latent_channels: int = 32, seed: int = 0):
+        super().__init__()
+        if token_dim % 4:
+            raise ValueError(f"token_dim must be a multiple of 4, got {token_dim}")
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, got {grid}")
+        self.token_dim, self.grid, self.codec_name = token_dim, grid, codec
+        self._codec = []  # a plain list: the frozen codec is not a submodule (not trained, not saved)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.stem = nn.Conv2d(latent_channels, width, 3, padding=1)
+            self.blocks = nn.Sequential(*(_ConvBlock(width) for _ in range(depth)))
+            self.head = nn.Sequential(nn.GroupNorm(1, width), nn.Conv2d(width, token_dim, 1))
+
+    def codec(self):
+        if not self._codec:
+            from .vae import load_vae
+
+            self._codec.append(load_vae(self.codec_name, device=self.device))
+        return self._codec[0].to(self.device)
+
+    def encode_latents(self, latents: torch.Tensor, device=None) -> EncodedCondition:
+        fmap = self.head(F.adaptive_avg_pool2d(self.blocks(self.stem(latents.to(self.device, self.dtype))), self.grid))
+        tokens = fmap.flatten(2).transpose(1, 2)
+        pos = sincos_pos_embed_2d(self.token_dim, self.grid, self.grid, device=tokens.device, dtype=tokens.dtype)
+        out = EncodedCondition(tokens + pos, pooled=tokens.mean(dim=1), grid=(self.grid, self.grid))
+        return out if device is None else out.to(device)
+
+    def encode(self, inputs: Any, device=None) -> EncodedCondition:
+        with torch.no_grad():
+            latents = self.codec().encode(images_to_tensor(inputs).to(self.device))
+        return self.encode_latents(latents, device)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode(images).tokens
+
+
 @dataclass(frozen=True)
 class FoundationModelSpec:
     """What a model card says is needed to load a pathology encoder and read its patch tokens.
@@ -587,6 +640,7 @@ class PathwayScoreEncoder(ConditionEncoder):
 TEXT_ENCODERS: dict[str, Callable[..., ConditionEncoder]] = {"minilm": MiniLMTextEncoder}
 IMAGE_ENCODERS: dict[str, Callable[..., ConditionEncoder]] = {
     "builtin": BuiltinImageEncoder,
+    "latent": LatentImageEncoder,
     **{key: partial(FoundationImageEncoder, key) for key in FOUNDATION_MODELS},
 }
 RNA_ENCODERS: dict[str, Callable[..., ConditionEncoder]] = {"pathways": PathwayScoreEncoder}

@@ -97,16 +97,26 @@ class BatchMaker:
         with torch.no_grad():
             latents = self.codec.encode(target)
             concat = self.codec.encode(source) if self.config.template == "source" else None
-        conditions = self._tokens(batch, source, target)
+        conditions = self._tokens(batch, source, target, latents, concat)
         cls, features = self._teach(target)
         return Batch(latents=latents, conditions=conditions, concat=concat, cls_target=cls, teacher_features=features)
 
-    def _tokens(self, batch: dict[str, Any], source, target) -> Conditions | None:
+    def _tokens(self, batch: dict[str, Any], source, target, latents=None, source_latents=None) -> Conditions | None:
+        """Condition tokens; an image encoder that takes latents gets the batch's (a row
+        without a target has the source's latent as its `latents`)."""
         device = self.process.device
         tokens, masks = {}, {}
         for modality, encoder in self.encoders.items():
             spec = self.config.conditions[modality]
-            if modality == "image":
+            if modality == "image" and getattr(encoder, "takes_latents", False):
+                from_target = spec.get("from", "source") == "target"
+                chosen = latents if from_target or source_latents is None else source_latents
+                if not from_target and source_latents is None and batch.get("has_target") is not None \
+                        and bool(batch["has_target"].any()):
+                    raise ConfigError(f"{self.config.source_file}: conditions.image: from: source with a latent "
+                                      "encoder needs the source latents of paired rows (template: source)")
+                encoded = encoder.encode_latents(chosen, device=device)
+            elif modality == "image":
                 images = target if spec.get("from", "source") == "target" else source
                 encoded = encoder.encode(images, device=device)
             elif modality == "text":
@@ -128,7 +138,8 @@ class BatchMaker:
             spec = self.config.teacher
             cls = cls_target(batch["features_pooled"].to(device)) if spec.cls else None
             features = batch["features"].to(device) if spec.align else None
-        return Batch(latents=batch["latent"].to(device), conditions=self._tokens(batch, None, None), concat=concat,
+        latents = batch["latent"].to(device)
+        return Batch(latents=latents, conditions=self._tokens(batch, None, None, latents, concat), concat=concat,
                      cls_target=cls, teacher_features=features)
 
     def _teach(self, target: torch.Tensor):
