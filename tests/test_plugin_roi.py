@@ -51,23 +51,24 @@ def generator(checkpoint):
 # -- core: mupad_core.generate.roi ---------------------------------------------------------
 
 
-def test_fused_windows_pass_through_a_region_that_fits_one_window(generator):
-    from mupad_core.generate.roi import FusedWindows
+def test_a_region_that_fits_one_window_is_that_window(generator):
+    from mupad_core.generate.fused import region_velocity
 
     model = generator.model
     x = torch.randn(2, 12, 16, 24)
-    t = torch.rand(2)
+    t = torch.full((2,), 0.3)
     cond = generator.conditions(text="tumour")
     cond = cond.repeat(2)
     direct = model(x, t, cond).velocity
-    fused = FusedWindows(model, window=32, overlap=8)(x, t, cond).velocity
-    assert torch.equal(direct, fused)
+    fused = region_velocity(model, 16, 24, window=32, overlap=8)(x, t, cond).velocity
+    assert torch.allclose(direct, fused, atol=1e-6)
 
 
-def test_fused_windows_weight_each_window_by_its_ramp(generator):
-    """A model whose velocity is a per-window constant: the fused field is their ramp-weighted mean."""
+def test_region_windows_are_weighted_by_their_ramps(generator):
+    """A model whose velocity is a per-window constant: the fused field is their ramp-weighted
+    mean, for each of a batch's states (the transport's guidance batches two)."""
+    from mupad_core.generate.fused import region_velocity
     from mupad_core.generate.fusion import ramp_weights, window_grid
-    from mupad_core.generate.roi import FusedWindows
     from mupad_core.models.sit import SiTOutput
 
     calls = []
@@ -77,17 +78,20 @@ def test_fused_windows_weight_each_window_by_its_ramp(generator):
         ids = torch.arange(len(calls) * 100, len(calls) * 100 + x.shape[0], dtype=x.dtype)
         return SiTOutput(velocity=ids[:, None, None, None].expand_as(x).clone())
 
-    x = torch.zeros(1, 2, 40, 56)
-    v = FusedWindows(fake, window=16, overlap=4, batch_size=3)(x, torch.zeros(1)).velocity
+    x = torch.zeros(2, 2, 40, 56)
+    fused = region_velocity(fake, 40, 56, window=16, overlap=4, batch_size=3)
+    v = fused(x, torch.zeros(2)).velocity
     windows = window_grid(40, 56, 16, 4)
     weight = ramp_weights(16, 16, 4)
-    values = [100 * (k // 3 + 1) + k % 3 for k in range(len(windows))]
-    num, den = torch.zeros(40, 56), torch.zeros(40, 56)
-    for w, val in zip(windows, values):
-        num[w.y : w.y + w.h, w.x : w.x + w.w] += val * weight
-        den[w.y : w.y + w.h, w.x : w.x + w.w] += weight
-    assert torch.allclose(v[0, 0], num / den) and torch.allclose(v[0, 1], num / den)
-    assert calls == [3] * (len(windows) // 3) + ([len(windows) % 3] if len(windows) % 3 else [])
+    for b in range(2):  # window k of a group is rows 2k (state 0) and 2k + 1 (state 1)
+        values = [100 * (k // 3 + 1) + 2 * (k % 3) + b for k in range(len(windows))]
+        num, den = torch.zeros(40, 56), torch.zeros(40, 56)
+        for w, val in zip(windows, values):
+            num[w.y : w.y + w.h, w.x : w.x + w.w] += val * weight
+            den[w.y : w.y + w.h, w.x : w.x + w.w] += weight
+        assert torch.allclose(v[b, 0], num / den) and torch.allclose(v[b, 1], num / den)
+    assert calls == [6] * (len(windows) // 3) + ([2 * (len(windows) % 3)] if len(windows) % 3 else [])
+    assert fused.handle.passes == len(calls)
 
 
 def test_generate_region_size_seed_and_conditions(generator, shared_data):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..models.sit import SiTOutput
-from .fusion import Window
+from .fusion import Window, ramp_weights, window_grid
 
 
 def window_cls_noise(seed: int, y: int, x: int, dim: int, step: int = 0) -> torch.Tensor:
@@ -42,32 +42,75 @@ class FusedBlockVelocity:
         self.weight, self.weight_sum = weight.to(device), weight_sum.to(device)
         self.batch_size, self.guidance_at = batch_size, guidance_at
         self.glass_weight = None if glass_weight is None else glass_weight.to(device)
-        self.glass_latent = None if glass_latent is None else glass_latent.to(device)[:, None, None]
+        self.glass_latent = None if glass_latent is None else glass_latent.to(device)[None, :, None, None]
         self._glass_velocity: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, conditions=None, cls: torch.Tensor | None = None,
                  concat=None) -> SiTOutput:
-        state, t0 = x[0], float(t[0])
+        """x (B, C, h, w): B is 1 for a block, 2 when the transport's guidance batches the
+        conditional and unconditional halves of a region (`conditions` then go to every window)."""
+        b, t0 = x.shape[0], float(t[0])
         guidance = self.guidance_at(t0)
-        guided = {"guidance": guidance} if guidance else {}
-        velocity = torch.zeros_like(state)
+        extra = {"guidance": guidance} if guidance else {}
+        velocity = torch.zeros_like(x)
         cls_velocity = None if cls is None else torch.zeros_like(cls)
-        for start in range(0, len(self.windows), self.batch_size):
+        n_windows = len(self.windows)
+        for start in range(0, n_windows, self.batch_size):
             group = self.windows[start : start + self.batch_size]
-            batch = torch.stack([state[:, w.y : w.y + w.h, w.x : w.x + w.w] for w in group])
+            n = len(group)
+            # window-major: window k's B states are rows k*B .. k*B + B - 1
+            batch = torch.cat([x[..., w.y : w.y + w.h, w.x : w.x + w.w] for w in group])
+            if conditions is not None:
+                extra["conditions"] = conditions.repeat(n)
             if cls is None:
-                v = self.handle.window_velocity(batch, t0, self.prepared, group, **guided)
+                v = self.handle.window_velocity(batch, t0, self.prepared, group, **extra)
             else:
+                per_window = cls.reshape(b, n_windows, -1)[:, start : start + n]
                 v, cv = self.handle.window_velocity(batch, t0, self.prepared, group,
-                                                    cls=cls[start : start + len(group)], **guided)
-                cls_velocity[start : start + len(group)] = cv.to(cls.device)
-            for w, vk in zip(group, v.to(state.device)):
-                velocity[:, w.y : w.y + w.h, w.x : w.x + w.w] += vk * self.weight
+                                                    cls=per_window.transpose(0, 1).reshape(n * b, -1), **extra)
+                cls_velocity.view(b, n_windows, -1)[:, start : start + n] = \
+                    cv.to(cls.device).reshape(n, b, -1).transpose(0, 1)
+            v = v.to(x.device)
+            for k, w in enumerate(group):
+                velocity[..., w.y : w.y + w.h, w.x : w.x + w.w] += v[k * b : (k + 1) * b] * self.weight
         if self.glass_weight is not None:
             # The straight path to glass has a constant velocity, (glass - x_t) / (1 - t); at
             # t = 1 (Heun's last corrector) that is 0/0, so the last value is used again.
             if t0 < 1.0 - 1e-9 or self._glass_velocity is None:
-                self._glass_velocity = (self.glass_latent - state) / max(1.0 - t0, 1e-9)
+                self._glass_velocity = (self.glass_latent - x) / max(1.0 - t0, 1e-9)
             velocity += self.glass_weight * self._glass_velocity
         velocity /= self.weight_sum
-        return SiTOutput(velocity=velocity[None], cls_velocity=cls_velocity)
+        return SiTOutput(velocity=velocity, cls_velocity=cls_velocity)
+
+
+class RegionHandle:
+    """A token-conditioned model as the handle of a region with no source (text, RNA or a
+    reference image): every window gets the conditions the sampler passes, and guidance stays
+    the transport's (`GuidedVelocity` batches the two halves; see `FusedBlockVelocity`)."""
+
+    def __init__(self, model, device: torch.device | str = "cpu"):
+        self.model, self.device = model, torch.device(device)
+        self.passes = 0
+
+    @property
+    def cls_dim(self) -> int:
+        return int(self.model.config.get("cls_dim") or 0)
+
+    def window_velocity(self, x, t: float, prepared, windows, cls=None, conditions=None):
+        tt = torch.full((x.shape[0],), float(t), device=x.device)
+        out = self.model(x, tt, conditions, cls=cls)
+        self.passes += 1
+        return out.velocity if cls is None else (out.velocity, out.cls_velocity)
+
+
+def region_velocity(model, height: int, width: int, window: int, overlap: int, *, batch_size: int = 8,
+                    device: torch.device | str = "cpu") -> FusedBlockVelocity:
+    """The fused velocity of a whole (height, width) latent region, windows of `window` with
+    `overlap` (a region that fits one window is that window): a one-block run of the engine's path."""
+    windows = window_grid(height, width, window, overlap)
+    weight = ramp_weights(windows[0].h, windows[0].w, overlap)
+    weight_sum = torch.zeros(height, width)
+    for w in windows:
+        weight_sum[w.y : w.y + w.h, w.x : w.x + w.w] += weight
+    return FusedBlockVelocity(RegionHandle(model, device), None, windows, weight, weight_sum, batch_size,
+                              guidance_at=lambda t: 0.0, device=torch.device(device))

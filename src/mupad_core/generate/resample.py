@@ -42,11 +42,11 @@ def pixel_map(reader, roi: tuple[int, int, int, int], target_mpp: float) -> Pixe
     mpp_x, mpp_y = reader.level_mpp(0)
     level = reader.best_level_for_mpp(target_mpp)
     ds = reader.level_downsamples[level]
-    step = (_snap(target_mpp / mpp_x / ds), _snap(target_mpp / mpp_y / ds))
+    step = (snap_step(target_mpp / mpp_x / ds), snap_step(target_mpp / mpp_y / ds))
     return PixelMap(level, (roi[0] / ds, roi[1] / ds), step)
 
 
-def _snap(step: float) -> float:
+def snap_step(step: float) -> float:
     """A step within float noise of 1 is 1: mpp values rarely divide exactly."""
     return 1.0 if abs(step - 1.0) < 1e-9 else step
 

@@ -28,57 +28,13 @@ import numpy as np
 import torch
 
 from ..models.conditions import Conditions
-from ..models.sit import SiTOutput
-from ..transport.samplers import make_noise, sample
-from .fusion import ramp_weights, window_grid
+from ..transport.samplers import sample
+from .canvas import GlobalNoise
+from .fused import region_velocity, window_cls_noise
 from .handles import load_encoders
 from .tiled_vae import tiled_decode
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total); may raise to cancel
-
-
-class FusedWindows:
-    """A denoiser callable over a region of any size: overlapping windows, fused velocities.
-
-    Called like the model (x, t, conditions, cls=, concat=) with x (B, C, H, W). Windows of
-    `window` latent px with `overlap` run in batches of `batch_size`, the batch's conditions
-    repeated per window; each window's velocity is weighted by raised-cosine ramps and the
-    weighted sum normalised. A region that fits one window is passed through unchanged.
-    """
-
-    def __init__(self, model, window: int, overlap: int, batch_size: int = 8):
-        if not 0 <= overlap < window:
-            raise ValueError(f"overlap {overlap} must be smaller than the window {window}")
-        self.model, self.window, self.overlap, self.batch_size = model, window, overlap, max(1, batch_size)
-        self.passes = 0
-
-    def __call__(self, x, t, conditions: Conditions | None = None, cls=None, concat=None) -> SiTOutput:
-        b, _, height, width = x.shape
-        if height <= self.window and width <= self.window:
-            self.passes += 1
-            return self.model(x, t, conditions, cls=cls, concat=concat)
-        windows = window_grid(height, width, self.window, self.overlap)
-        weight = ramp_weights(windows[0].h, windows[0].w, self.overlap).to(x.device, x.dtype)
-        velocity = torch.zeros_like(x)
-        weight_sum = torch.zeros(height, width, device=x.device, dtype=x.dtype)
-        cls_velocity = None
-        for start in range(0, len(windows), self.batch_size):
-            group = windows[start : start + self.batch_size]
-            n = len(group)
-            crop = lambda a: torch.cat([a[..., w.y : w.y + w.h, w.x : w.x + w.w] for w in group])  # noqa: E731
-            out = self.model(crop(x), t.repeat(n), None if conditions is None else conditions.repeat(n),
-                             cls=None if cls is None else cls.repeat(n, 1),
-                             concat=None if concat is None else crop(concat))
-            self.passes += 1
-            for k, w in enumerate(group):
-                velocity[..., w.y : w.y + w.h, w.x : w.x + w.w] += out.velocity[k * b : (k + 1) * b] * weight
-                weight_sum[w.y : w.y + w.h, w.x : w.x + w.w] += weight
-            if out.cls_velocity is not None:
-                part = out.cls_velocity.reshape(n, b, -1).sum(0)
-                cls_velocity = part if cls_velocity is None else cls_velocity + part
-        if cls_velocity is not None:
-            cls_velocity = cls_velocity / len(windows)
-        return SiTOutput(velocity=velocity / weight_sum, cls_velocity=cls_velocity)
 
 
 @dataclass
@@ -129,8 +85,11 @@ class RegionGenerator:
 
         x = images_to_tensor(image if isinstance(image, torch.Tensor) else np.asarray(image))
         encoder = self.encoders["image"]
-        if getattr(encoder, "patch_size", None) and not hasattr(encoder, "input_size"):  # builtin CNN
-            size = max(encoder.patch_size, self.image_px // encoder.patch_size * encoder.patch_size)
+        # The builtin CNN and the latent encoder take references at the size they learnt at.
+        unit = encoder.patch_size if getattr(encoder, "patch_size", None) else 8 if getattr(encoder, "takes_latents",
+                                                                                           False) else None
+        if unit and not hasattr(encoder, "input_size"):
+            size = max(unit, self.image_px // unit * unit)
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
                                                 align_corners=False).clamp(0, 1)
         return x
@@ -156,15 +115,22 @@ def generate_region(gen: RegionGenerator, height: int, width: int, conditions: C
     window = max(p, gen.window_px // d // p * p)
     overlap = (overlap_px if overlap_px is not None else gen.window_px // 4) // d // p * p
     overlap = min(overlap, window - p)
-    fused = FusedWindows(gen.model, window, overlap, batch_size)
-    channels = gen.model.config.in_channels
-    noise = make_noise((1, channels, hl, wl), seed, device=gen.device)
-    cls_dim = gen.model.config.cls_dim
-    cls_noise = make_noise((1, cls_dim), seed + 1, device=gen.device) if cls_dim else None
+    fused = region_velocity(gen.model, hl, wl, window, overlap, batch_size=batch_size, device=gen.device)
+    # The engine's noise: a function of seed and latent position (CLS: of the window's position).
+    field = GlobalNoise(seed, gen.model.config.in_channels)
+    noise = field.window(0, 0, hl, wl, step=0)[None].to(gen.device)
+    cls_dim = fused.handle.cls_dim
+    cls = (torch.stack([window_cls_noise(seed, w.y, w.x, cls_dim) for w in fused.windows]).to(gen.device)
+           if cls_dim else None)
+
+    def sde_noise(step: int, shape: tuple) -> torch.Tensor:
+        if cls is not None and tuple(shape) == tuple(cls.shape):
+            return torch.stack([window_cls_noise(seed, w.y, w.x, cls_dim, step + 1) for w in fused.windows])
+        return field.window(0, 0, hl, wl, step=step + 1)[None]
+
     cond = None if conditions is None or not conditions.tokens else conditions.to(gen.device)
-    generator = torch.Generator().manual_seed(int(seed) + 2) if method == "sde" else None
-    result = sample(fused, noise, cond, method=method, steps=steps, guidance=guidance, cls_noise=cls_noise,
-                    generator=generator, progress=progress)
+    result = sample(fused, noise, cond, method=method, steps=steps, guidance=guidance, cls_noise=cls,
+                    sde_noise=sde_noise, progress=progress)
     pixels = tiled_decode(gen.codec, result.x[0].float()).clamp(0, 1).cpu()
     return pixels[:, :height, :width]
 

@@ -28,7 +28,8 @@ import torch
 
 from ..models.attention_control import AttentionMapController
 from ..transport.samplers import GuidedVelocity, as_schedule, invert, time_grid
-from .roi import FusedWindows, RegionGenerator
+from .fused import region_velocity
+from .roi import RegionGenerator
 from .tiled_vae import tiled_decode, tiled_encode
 
 ProgressCallback = Callable[[int, int], None]  # (network steps done, total); may raise to cancel
@@ -83,7 +84,8 @@ def translate_region(gen: RegionGenerator, image: np.ndarray | torch.Tensor, set
     d, p = gen.codec.downscale, gen.model.config.patch_size
     window = max(p, gen.window_px // d // p * p)
     overlap = min((gen.window_px // 4) // d // p * p, window - p)
-    denoiser = FusedWindows(gen.model, window, overlap, batch_size=4)
+    denoiser = region_velocity(gen.model, latent.shape[-2], latent.shape[-1], window, overlap, batch_size=4,
+                               device=gen.device)
     source_cond = gen.conditions(text=settings.source_prompt)
     target_cond = gen.conditions(text=settings.target_prompt)
     total = 2 * settings.steps
@@ -124,7 +126,7 @@ def translate_region(gen: RegionGenerator, image: np.ndarray | torch.Tensor, set
 
     return Translation(pixels=decode(x_target),
                        reconstruction=decode(x_source) if injected == settings.steps else None,
-                       network_passes=denoiser.passes)
+                       network_passes=denoiser.handle.passes)
 
 
 def _as_chw(image) -> torch.Tensor:

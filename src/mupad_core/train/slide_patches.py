@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from ..generate.resample import PixelMap, read_resampled, snap_step
 from ..slide.readers import SlideError, open_slide
 from ..slide.readers.base import SlideReader
 from ..slide.tissue import TissueMap, tissue_mask
@@ -41,34 +42,26 @@ def _affine(value: Any) -> np.ndarray:
     return matrix
 
 
-def _resize(patch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(C, h, w) float to (C, H, W): antialiased when shrinking, bilinear when enlarging."""
-    if tuple(patch.shape[-2:]) == size:
-        return patch
-    shrink = patch.shape[-2] > size[0] or patch.shape[-1] > size[1]
-    out = F.interpolate(patch[None], size=size, mode="bilinear", align_corners=False, antialias=shrink)[0]
-    return out.clamp(0, 1)
-
-
 def read_patch(reader: SlideReader, matrix: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """A (C, H, W) float patch in [0, 1] of `size` (h, w) pixels whose pixel coordinates
     map to the slide's level-0 pixel coordinates by the 2x3 `matrix` (continuous
     coordinates, pixel i covering [i, i + 1)).
 
-    Axis-aligned maps read one region from the best level (the coarsest one still as fine
-    as the patch) and resample it; rotations, flips and shears sample the region read
-    around the patch bilinearly."""
+    Axis-aligned maps go through the engine's resampler (`generate/resample.py`), so a model
+    trains on pixels made exactly as the pixels it will stain; rotations, flips and shears
+    sample the region read around the patch bilinearly."""
     height, width = size
     linear = matrix[:, :2]
     base_mpp = reader.level_mpp(0)
     if linear[0, 1] == 0 and linear[1, 0] == 0 and linear[0, 0] > 0 and linear[1, 1] > 0:
         level = reader.best_level_for_mpp(min(linear[0, 0] * base_mpp[0], linear[1, 1] * base_mpp[1]))
         ds = reader.level_downsamples[level]
-        x0, y0 = matrix[0, 2] / ds, matrix[1, 2] / ds
-        w, h = max(1, round(width * linear[0, 0] / ds)), max(1, round(height * linear[1, 1] / ds))
-        pixels = reader.read_region(level, round(x0), round(y0), w, h)
-        patch = torch.from_numpy(to_unit_float(pixels).transpose(2, 0, 1).copy())
-        return _resize(patch, size)
+        pmap = PixelMap(level, (matrix[0, 2] / ds, matrix[1, 2] / ds),
+                        (snap_step(linear[0, 0] / ds), snap_step(linear[1, 1] / ds)))
+        patch = read_resampled(reader, pmap, 0, 0, height, width)
+        if isinstance(patch, np.ndarray):  # whole level pixels one to one: read as they are
+            patch = torch.from_numpy(to_unit_float(patch).transpose(2, 0, 1).copy())
+        return patch.clamp(0, 1)
     scale = math.sqrt(abs(np.linalg.det(linear)))
     level = reader.best_level_for_mpp(scale * base_mpp[0])
     ds = reader.level_downsamples[level]
