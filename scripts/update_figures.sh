@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export MUPAD_FIGURES="$PWD/docs/images" QT_API=pyqt6
-exec .venv/bin/python -m pytest -q tests/test_user_guide.py tests/test_plugin_roi.py tests/test_plugin_stain.py \
+exec .venv/bin/python -m pytest -q tests/test_user_guide.py tests/test_plugin_roi.py tests/test_plugin_stain.py tests/test_plugin_io.py \
     tests/test_plugin_synthetic.py tests/test_synthetic.py "$@"

@@ -31,6 +31,8 @@ from napari_mupad import _writer
 from napari_mupad._reader import get_reader, read_slide
 from napari_mupad._sample_data import bundled_slide_path
 
+from helpers import figures_dir, settle_canvas
+
 PLUGIN = "napari-mupad"
 NDPI_DAPI = "slides/hamamatsu-ndpi-fluorescence/test3-DAPI-2-387.ndpi"
 OME_TIFF = "he_tiles/OS-1-detail.ome.tif"
@@ -236,7 +238,7 @@ def test_reader_function_fails_at_open_when_tiles_cannot_be_read(shared_data):
 # -- sample data ---------------------------------------------------------------------------
 
 
-def test_a_big_flat_png_opens_as_a_cached_multiscale_layer(make_napari_viewer, tmp_path, monkeypatch):
+def test_a_big_flat_png_opens_as_a_cached_multiscale_layer(make_napari_viewer, tmp_path, monkeypatch, qtbot):
     from PIL import Image
 
     from mupad_core.slide.readers import overview_cache
@@ -247,11 +249,15 @@ def test_a_big_flat_png_opens_as_a_cached_multiscale_layer(make_napari_viewer, t
         pixels = np.asarray(slide.read_region((0, 0), 0, (2220, 2967)).convert("RGB"))
     path = tmp_path / "big.png"
     Image.fromarray(pixels).save(path)
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)
     (layer,) = viewer.open(path, plugin=PLUGIN)
     assert layer.multiscale and len(layer.data) == 2  # level 0 and 4x, both from the cache
     assert all(level.name.startswith("overview-") for level in layer.data)  # the PNG is not decoded again
     np.testing.assert_array_equal(layer.data[0][:64, :64].compute(), pixels[:64, :64])
+    settle_canvas(viewer, qtbot)
+    viewer.reset_view()
+    shot = viewer.screenshot(str(figures_dir() / "plugin-flat-image.png"), canvas_only=True, flash=False)
+    assert shot[..., :3].std() > 10  # tissue drawn, not a blank canvas
 
 
 def test_the_reader_closes_the_file_when_its_last_layer_is_gone(make_napari_viewer, tmp_path, monkeypatch):
@@ -446,6 +452,40 @@ def test_export_channel_layers_to_one_ome_tiff(make_napari_viewer, tmp_path):
     for index, layer in enumerate(reopened):
         np.testing.assert_array_equal(layer.data[0].compute(), image[index])
         assert brightest_rgb(layer) == pytest.approx(hex_rgb(MIF_COLORS[index]))
+
+
+def test_a_real_mif_panel_in_ome_tiff_reopens_with_its_markers_and_colours(make_napari_viewer, tmp_path,
+                                                                          shared_data, qtbot):
+    """DeepLIIF's real DAPI / Lap2β / Ki67 immunofluorescence as a store, exported to an
+    OME-TIFF for QuPath and opened back: one additive layer per marker, named and coloured."""
+    from PIL import Image
+
+    from mupad_core.slide.readers import open_slide
+    from mupad_core.store.ometiff import export_ome_tiff
+
+    tile = np.asarray(Image.open(shared_data / "mif" / "deepliif" / "Lung1.png").convert("RGB"))
+    markers = np.stack([tile[:, 1024:1536, 0], tile[:, 1536:2048, 1], tile[:, 2048:2560, 0]])
+    names, colours = ["DAPI", "Lap2beta", "Ki67"], ["0000FF", "00FF00", "FF0000"]
+    writer = PyramidWriter(tmp_path / "panel.ome.zarr", markers.shape[1:], 3, dtype="uint8", mpp=(0.25, 0.25),
+                           kind="fluorescence", channel_names=names, channel_colors=colours,
+                           provenance={"source": "DeepLIIF Lung1 (real mpIF)"}, min_level_px=128)
+    for y, x in writer.pending_tiles():
+        writer.write_tile(y, x, markers[:, y : y + 256, x : x + 256])
+    writer.finalize()
+    out = tmp_path / "panel.ome.tif"
+    with open_slide(tmp_path / "panel.ome.zarr") as reader:
+        export_ome_tiff(reader, out)
+    viewer = make_napari_viewer(show=True)
+    layers = viewer.open(out, plugin=PLUGIN)
+    assert [layer.name for layer in layers] == names
+    for index, layer in enumerate(layers):
+        np.testing.assert_array_equal(np.asarray(layer.data[0]), markers[index])
+        assert layer.blending == "additive"
+        assert brightest_rgb(layer) == pytest.approx(hex_rgb(colours[index]))
+    settle_canvas(viewer, qtbot)
+    viewer.reset_view()
+    shot = viewer.screenshot(str(figures_dir() / "plugin-ome-tiff-mif.png"), canvas_only=True, flash=False)
+    assert shot[..., 2].mean() > 5 and shot[..., 1].mean() > 5  # DAPI blue and Lap2β green are drawn
 
 
 def test_single_channel_export_keeps_name_colour_and_scale(tmp_path):
