@@ -26,7 +26,7 @@ import torch
 from mupad_core.evaluate.heldout import evaluate_heldout
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = {"demo-he2ihc": ("he2ihc", "runs/demo-data/birl/manifest.csv", 4.6),
+DATA = {"demo-he2ihc": ("he2ihc", "runs/demo-data/ki67_ihc/manifest.csv", 0.5),
         "demo-he2mif": ("he2mif", "runs/demo-data/deepliif/manifest.csv", 0.25)}
 
 

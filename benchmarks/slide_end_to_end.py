@@ -17,7 +17,7 @@ per size: slide area, seconds (load, stain, total), mm² of slide per second, ne
 (VmHWM of that process) and, on a GPU, peak allocated GPU memory.
 
 --model: a bundled id, checkpoint folder or hub id, run at its own pixel size unless
---target-mpp says otherwise (demo-he2ihc: 4.6 µm/px). --random-sit S/2|B/2|L/2|XL/2 instead
+--target-mpp says otherwise (demo-he2ihc: 0.5 µm/px, TAEF2 codec). --random-sit S/2|B/2|L/2|XL/2 instead
 builds a random-weight MupadSiT of that size with the source as spatial template, writes it
 into --workdir and runs it at the slide's 0.5 µm/px: speed does not depend on the weights, so
 this measures the paper's setting (256-px tiles, 2x2 patches of 8x-reduced latents) without

@@ -95,17 +95,17 @@ def test_cyclegan_trains_unpaired_and_exports_its_translator(tmp_path):
 
 @pytest.mark.slow
 def test_the_demo_report_puts_mupad_beside_both_baselines_at_test_size(shared_data, tmp_path, capsys):
-    """scripts/report_demo_he2ihc.py end to end on the real BIRL pair, with baselines trained for a few
-    steps by their committed configs: one report, three rows, figures written where asked."""
+    """scripts/report_demo_he2ihc.py end to end on the real held-out Ki67 IHC, with baselines trained
+    for a few steps by their committed configs: one report, three rows, figures written where asked."""
     import importlib.util
     import json
 
-    from mupad_core.demo_data import prepare_birl
+    from mupad_core.demo_data import prepare_ki67_ihc
 
-    data = prepare_birl(shared_data, tmp_path / "demo-data")
+    data = prepare_ki67_ihc(shared_data, tmp_path / "demo-data", copies=1)
     folders = {}
     for kind in ("pix2pix", "cyclegan"):
-        config = yaml.safe_load((REPO / "configs" / f"baseline-he2ihc-{kind}.yaml").read_text())
+        config = yaml.safe_load((REPO / "configs" / f"baseline-he2ihc-ki67-{kind}.yaml").read_text())
         config.update(out_dir=str(tmp_path / "runs"))
         config["model"].update(block_out_channels=[8, 16], norm_num_groups=4)
         config["data"]["manifest"] = str(data / "manifest.csv")
@@ -122,6 +122,7 @@ def test_the_demo_report_puts_mupad_beside_both_baselines_at_test_size(shared_da
     names = [entry["name"] for entry in results["sets"]]
     assert names == ["MUPAD demo-he2ihc", "pix2pix baseline", "CycleGAN baseline"]
     assert all(entry["paired"]["tiles"] == results["reference"]["tiles"] >= 4 for entry in results["sets"])
+    assert results["reference"]["ihc"]["hscore"] > 0 and all("ihc" in entry for entry in results["sets"])  # DAB scored
     report = (tmp_path / "report" / "report.md").read_text()
     assert all(f"| {name} |" in report for name in names)
     assert json.loads((tmp_path / "report" / "report.json").read_text()) == results

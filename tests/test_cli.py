@@ -60,8 +60,8 @@ def test_demo_stains_the_bundled_slide_with_every_bundled_model(tmp_path, capsys
         assert group.attrs["mupad"]["model_id"] == result["model"] and group.attrs["mupad"]["generated"] is True
         level0 = group["0"][:]
         assert level0.std() > 1  # the model drew something, not a constant
-        if result["task"] == "he2mif":
-            assert result["channels"] == ["DAPI", "Lap2beta", "Ki67"]
+        if result["task"] == "he2mif":  # it learnt from IHC brightfield: it is given an IHC image
+            assert result["channels"] == ["DAPI", "Lap2beta", "Ki67"] and result["source"].endswith("ihc-sample.png")
             assert group.attrs["mupad"]["kind"] == "fluorescence"
     preview = np.asarray(Image.open(out / "preview.png"))
     assert preview.shape[0] == 256 * len(entries)

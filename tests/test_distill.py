@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from torch import nn
@@ -67,13 +68,13 @@ def test_mupad_train_distills_a_bundled_model_into_a_loadable_student(tmp_path):
     from mupad_core.demo import sample_slide_path
     from mupad_core.generate.handles import load_handle
     from mupad_core.models.checkpoint import load_model, read_pipeline
-    from mupad_core.train.config import load_config
+    from mupad_core.train.config import ConfigError, load_config
     from mupad_core.train.run import train
 
-    config = {"name": "student", "out_dir": str(tmp_path / "runs"), "task": "he2ihc", "vae": "pixel-unshuffle:4",
+    config = {"name": "student", "out_dir": str(tmp_path / "runs"), "task": "he2ihc", "vae": "taef2",
               "template": "source", "distill": {"teacher": "demo-he2ihc", "teacher_steps": 2},
               "data": {"kind": "slides", "slides": [str(sample_slide_path())], "patch_px": 64, "mpp": 2.0,
-                       "length": 16},
+                       "length": 16, "source_view": "haematoxylin"},
               "train": {"steps": 3, "batch_size": 2, "lr": 1e-4, "checkpoint_every": 3, "log_every": 1}}
     path_ = tmp_path / "student.yaml"
     path_.write_text(yaml.safe_dump(config))
@@ -81,9 +82,15 @@ def test_mupad_train_distills_a_bundled_model_into_a_loadable_student(tmp_path):
     assert all(np.isfinite(r["loss_total"]) for r in result.history)
     pipeline = read_pipeline(result.model_dir)
     assert pipeline["teacher_steps"] == 2 and pipeline["distilled_from"].endswith("demo-he2ihc")
+    assert pipeline["source_view"] == "haematoxylin"  # the teacher's view of the source, kept
     from mupad_core.zoo import resolve_model
 
     student, teacher = load_model(result.model_dir), load_model(resolve_model("demo-he2ihc"))
     assert student.config.hidden_size == teacher.config.hidden_size  # the teacher's architecture
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))
     assert load_handle(str(result.model_dir), "he2ihc").model_id == str(result.model_dir)
+
+    config["data"]["source_view"] = "rgb"  # a student must see the source as its teacher does
+    path_.write_text(yaml.safe_dump({**config, "name": "blind"}))
+    with pytest.raises(ConfigError, match="source_view is 'rgb' but the teacher .* sees its source as 'haematoxylin'"):
+        train(load_config(path_), progress_bar=False, log=lambda m: None)

@@ -16,8 +16,8 @@ ROI = (1000, 1400, 192, 192)  # level-0 px of the bundled slide, at the model's 
 
 def stain(tmp_path, name, roi=ROI, **options):
     handle = load_handle("demo-he2he", "he2he")
-    config = StainConfig(task="he2he", roi=roi, target_mpp=0.5, steps=3, seed=3, window_px=64, overlap_px=16,
-                         block_px=128, chunk_px=64, margin_px=64, skip_background=False)
+    config = StainConfig(task="he2he", roi=roi, target_mpp=0.5, steps=3, seed=3, window_px=128, overlap_px=32,
+                         block_px=256, chunk_px=64, margin_px=128, skip_background=False)
     for key, value in options.items():
         setattr(config, key, value)
     with open_slide(sample_slide_path()) as reader:
@@ -26,8 +26,14 @@ def stain(tmp_path, name, roi=ROI, **options):
     return zarr.open_group(out, mode="r")["0"][:].transpose(1, 2, 0).astype(float), source, out
 
 
-def correlation(a, b):
-    return float(np.corrcoef(a.mean(-1).ravel(), b.mean(-1).ravel())[0, 1])
+def correlation(a, b, box=16):
+    """Pearson correlation of the grey level in box x box means: the layout, not the pixels."""
+    def boxes(x):
+        g = x.mean(-1)
+        h, w = g.shape[0] // box * box, g.shape[1] // box * box
+        return g[:h, :w].reshape(h // box, box, w // box, box).mean((1, 3)).ravel()
+
+    return float(np.corrcoef(boxes(a), boxes(b))[0, 1])
 
 
 def test_variations_model_runs_whole_slide_from_window_tokens(tmp_path):
@@ -38,18 +44,23 @@ def test_variations_model_runs_whole_slide_from_window_tokens(tmp_path):
     small = resize(source.astype(float), whole.shape[:2], anti_aliasing=True, preserve_range=True)
     near = stain(tmp_path, "near", strength=0.5)[0]
     elsewhere = stain(tmp_path, "elsewhere", roi=(400, 1800, 192, 192))[0]
-    # The layout comes from each window's tokens (0.19 against this region's source when
-    # written, 0.02 for an output made from another region's tokens); a half-strength start
-    # from the noised source keeps much more of it (0.85).
+    # The layout comes from each window's tokens (16-px box correlation 0.44 against this
+    # region's source when written, 0.33 for an output made from a glass region's tokens); a
+    # half-strength start from the noised source keeps much more of it (0.93).
     assert correlation(whole, small) > correlation(elsewhere, small) + 0.1
     assert correlation(near, small) > 0.7
     provenance = zarr.open_group(out, mode="r").attrs["mupad"]
     assert provenance["model_id"] == "demo-he2he"
-    # Blocks cut the region differently: every window still sees the same tokens. Up to
-    # float rounding: windows batched in other groups differ in the last bits, which moves
-    # <1 % of pixels by one grey level (a template-only model does the same here).
-    split = stain(tmp_path, "split", block_px=64)[0]
-    assert np.abs(split - whole).max() <= 1 and (split != whole).mean() < 0.02
+    # Blocks cut the region differently: every window still sees the same tokens and noise.
+    # The top-left block has the same windows and margin in both cuts: identical. Elsewhere
+    # a trained model's windows see far (attention, CLS), so over the steps windows beyond
+    # a block's margin still move it a little: 3.0 grey levels on average when written, a
+    # tenth of what another seed moves (33). The margin bounds that influence; it does not
+    # remove it (docs/whole-slide.md).
+    split = stain(tmp_path, "split", block_px=128)[0]
+    other_seed = stain(tmp_path, "seed", seed=4)[0]
+    assert np.array_equal(split[:128, :128], whole[:128, :128])
+    assert np.abs(split - whole).mean() < 0.25 * np.abs(other_seed - whole).mean()
 
 
 def test_guidance_schedule_skips_the_unconditional_pass_where_the_weight_is_zero(tmp_path, monkeypatch):

@@ -534,38 +534,44 @@ def test_cancelled_result_resumes_into_the_same_store(slide_viewer, tmp_path, qt
     assert np.array_equal(a, b)  # resume gives the uninterrupted result bit for bit
 
 
-@pytest.mark.slow  # ~20 s on 2 cores: the whole slide through a 3-block SiT, 2 steps
+@pytest.mark.slow  # ~40 s on 2 cores: a 512² ROI through the TAEF2 codec and a 4-block SiT, 4 steps
 def test_bundled_he2ihc_model_at_its_own_pixel_size(slide_viewer, tmp_path, qtbot):
-    """A bundled demo model from the list: its task and pixel size (4.6 µm/px) are taken up,
-    the coarser overlay still covers the ROI, and the screen shows it there."""
+    """A bundled demo model from the list: its task and pixel size (0.5 µm/px) are taken up,
+    the overlay covers the drawn ROI at that size, and the screen shows it there."""
     from PIL import Image as PILImage
 
     viewer = slide_viewer
     source = viewer.layers[0]
     mpp_x, mpp_y = source.metadata["mpp"]
+    roi = (700, 1000, 512, 512)  # epidermis and dermis
+    _draw_roi(viewer, source, roi)
     widget = _widget(viewer, tmp_path, qtbot)
     models = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
     assert models[0] == "identity" and "demo-he2ihc" in models and "demo-he2mif" in models
     assert "demo-text2he" not in models  # generation from text: the other widget's
     widget.model_combo.setCurrentText("demo-he2ihc")
-    assert widget.task_combo.currentText() == "he2ihc" and widget.mpp_spin.value() == pytest.approx(4.6)
-    widget.region_combo.setCurrentText("Whole slide")
-    widget.steps_spin.setValue(2)  # geometry and screen placement; the guide test runs 8
+    assert widget.task_combo.currentText() == "he2ihc" and widget.mpp_spin.value() == pytest.approx(0.5)
+    widget.region_combo.setCurrentText("Drawn rectangles")
+    widget.steps_spin.setValue(4)
     _run(widget, qtbot, timeout=300_000)
     job = widget.jobs[0]
     assert job.status == "done", widget.status_label.text()
     (overlay,) = job.layers
-    width, height = 2220, 2967
+    x, y, w, h = roi
     data = np.asarray(overlay.data[0])
-    assert data.shape == (round(height * mpp_y / 4.6), round(width * mpp_x / 4.6), 3)
-    assert overlay.metadata["mupad"]["engine"]["target_mpp"] == pytest.approx(4.6)
-    assert overlay.metadata["mupad"]["engine"]["window_px"] == 64  # the model's own tile size
-    np.testing.assert_allclose(overlay.scale, (4.6, 4.6))
-    # Pixel edges: top-left exactly the slide's; bottom-right within one output pixel.
+    assert data.shape == (round(h * mpp_y / 0.5), round(w * mpp_x / 0.5), 3)
+    assert overlay.metadata["mupad"]["engine"]["target_mpp"] == pytest.approx(0.5)
+    assert overlay.metadata["mupad"]["engine"]["window_px"] == 128  # the model's own tile size
+    np.testing.assert_allclose(overlay.scale, (0.5, 0.5))
+    # Pixel edges: top-left exactly the ROI's; bottom-right within one output pixel.
     lo = overlay.extent.world[0] - np.asarray(overlay.scale) / 2
     hi = overlay.extent.world[1] + np.asarray(overlay.scale) / 2
-    np.testing.assert_allclose(lo, [-0.5 * mpp_y, -0.5 * mpp_x], atol=1e-9)
-    assert np.all(np.abs(hi - [(height - 0.5) * mpp_y, (width - 0.5) * mpp_x]) < 4.6 / 2 + 1e-9)
+    np.testing.assert_allclose(lo, [(y - 0.5) * mpp_y, (x - 0.5) * mpp_x], atol=1e-9)
+    assert np.all(np.abs(hi - [(y + h - 0.5) * mpp_y, (x + w - 0.5) * mpp_x]) < 0.5 / 2 + 1e-9)
+    viewer.layers["rois"].visible = False
+    _cam(viewer).center = (0, (y + h / 2) * mpp_y, (x + w / 2) * mpp_x)
+    _cam(viewer).zoom = 0.9 * min(np.asarray(viewer.canvas.size) / (np.array([h, w]) * mpp_y))
+    qtbot.wait(100)
     widget_shot = _shot(viewer)
     overlay.visible = False
     slide_shot = _shot(viewer)

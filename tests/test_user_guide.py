@@ -38,7 +38,7 @@ def _save_window(viewer, name: str) -> np.ndarray:
     return shot
 
 
-@pytest.mark.slow  # ~35 s on 2 cores: the whole bundled slide through demo-he2ihc, 8 steps
+@pytest.mark.slow  # ~60 s on 2 cores: the view (about 700 x 500 px of tissue) through demo-he2ihc, 8 steps
 def test_open_stain_toggle_export(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1400, 860)
@@ -58,10 +58,15 @@ def test_open_stain_toggle_export(make_napari_viewer, qtbot, tmp_path):
     widget.model_combo.setCurrentText("demo-he2ihc")
     assert widget.source_combo.currentText() == slide.name
     assert widget.task_combo.currentText() == "he2ihc"
-    widget.region_combo.setCurrentText("Whole slide")
+    assert widget.mpp_spin.value() == pytest.approx(0.5)  # the model's own pixel size
+    widget.region_combo.setCurrentText("Current view")
     widget.steps_spin.setValue(8)
     _settle(viewer, qtbot)
-    viewer.reset_view()
+    # Zoom in on the epidermis (level-0 px around x 1000, y 1350): the view is the region.
+    mpp = slide.scale[-1]
+    viewer.camera.center = (1350 * mpp, 1000 * mpp)
+    viewer.camera.zoom = min(np.asarray(viewer.canvas.size) / (np.array([500, 700]) * mpp))
+    qtbot.wait(100)
     widget.run()
     assert widget.running, widget.status_label.text()
     qtbot.waitUntil(lambda: not widget.running, timeout=300_000)

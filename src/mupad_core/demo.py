@@ -2,7 +2,8 @@
 
 Every bundled model (`mupad models`) runs through the same whole-slide engine as
 `mupad stain`, at the pixel size it was trained at, over a tissue-rich region of the
-bundled CC0 slide CMU-1-Small-Region (the whole slide where that is small enough). Each
+bundled CC0 slide CMU-1-Small-Region (the whole slide where that is small enough); a model
+that learnt from IHC brightfield (demo-he2mif) gets scikit-image's real IHC sample instead. Each
 result is an OME-Zarr pyramid; `preview.png` shows source | result per model, and napari
 opens with the slide and every result as overlay layers when a display is present.
 
@@ -54,10 +55,6 @@ def tissue_rich_roi(reader, side: int) -> tuple[int, int, int, int]:
 
 
 def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print, models: list[str] | None = None) -> dict:
-    import zarr
-
-    from .generate.engine import run_stain
-    from .generate.handles import load_handle
     from .models.checkpoint import read_pipeline
     from .slide.readers import open_slide
     from .zoo import bundled_models
@@ -79,25 +76,14 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print, models
                 rows.append(row)
                 continue
             stain = demo_stain_config(entry.id, task, config)
-            finest = min(reader.level_mpp(0))
-            mpp = stain.target_mpp or finest
-            side = round(config.max_output_px * mpp / finest)
-            width0, height0 = reader.dimensions
-            roi = (0, 0, width0, height0) if max(width0, height0) <= side else tissue_rich_roi(reader, side)
-            log(f"{entry.id}: {task} over ROI {roi} of {slide.name} at {mpp} µm/px, {config.steps} steps")
-            start = time.perf_counter()
-            store = run_stain(reader, load_handle(entry.id, task), out_dir / f"{entry.id}.ome.zarr",
-                              replace(stain, roi=roi, target_mpp=mpp), progress=None)
-            seconds = time.perf_counter() - start
-            group = zarr.open_group(str(store), mode="r")
-            output = group["0"][:]
-            attrs = group.attrs.asdict()
-            source = _source_at(reader, roi, output.shape[1:])
-            rows.append(np.concatenate([source, render(output, attrs)], axis=1))
-            results.append({"model": entry.id, "task": task, "roi_level0": list(roi), "mpp": mpp,
-                            "output": str(store), "shape": list(output.shape), "seconds": round(seconds, 1),
-                            "channels": [c.get("label") for c in attrs.get("omero", {}).get("channels", [])]})
-            log(f"  wrote {store} ({output.shape[2]} x {output.shape[1]} px, {seconds:.0f} s)")
+            if entry.id in IHC_INPUT_MODELS:
+                path = ihc_sample_path(out_dir)
+                with open_slide(path, mpp=stain.target_mpp) as ihc:
+                    result, row = _stain(entry, task, ihc, path, stain, out_dir, config, log)
+            else:
+                result, row = _stain(entry, task, reader, slide, stain, out_dir, config, log)
+            results.append(result)
+            rows.append(row)
     preview = out_dir / "preview.png"
     _save_rows(rows, preview)
     summary = {"slide": str(slide), "results": results, "preview": str(preview),
@@ -105,6 +91,50 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print, models
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"wrote {preview} (per model: source | result) and {out_dir / 'summary.json'}")
     return summary
+
+
+# Bundled models that learnt from IHC brightfield, not H&E: the demo gives them an IHC image.
+IHC_INPUT_MODELS = {"demo-he2mif"}
+
+
+def ihc_sample_path(out_dir: Path) -> Path:
+    """scikit-image's real IHC sample (colonic glands, DAB for FHL2 with haematoxylin; "no known
+    copyright restrictions"), written once as a PNG the readers open like any image."""
+    from PIL import Image
+    from skimage.data import immunohistochemistry
+
+    path = Path(out_dir) / "ihc-sample.png"
+    if not path.is_file():
+        Image.fromarray(immunohistochemistry()).save(path)
+    return path
+
+
+def _stain(entry, task, reader, slide, stain, out_dir: Path, config: DemoConfig, log):
+    """One restaining model over a tissue-rich region of `reader` at its own pixel size."""
+    import zarr
+
+    from .generate.engine import run_stain
+    from .generate.handles import load_handle
+
+    finest = min(reader.level_mpp(0))
+    mpp = stain.target_mpp or finest
+    side = round(config.max_output_px * mpp / finest)
+    width0, height0 = reader.dimensions
+    roi = (0, 0, width0, height0) if max(width0, height0) <= side else tissue_rich_roi(reader, side)
+    log(f"{entry.id}: {task} over ROI {roi} of {Path(slide).name} at {mpp} µm/px, {config.steps} steps")
+    start = time.perf_counter()
+    store = run_stain(reader, load_handle(entry.id, task), out_dir / f"{entry.id}.ome.zarr",
+                      replace(stain, roi=roi, target_mpp=mpp), progress=None)
+    seconds = time.perf_counter() - start
+    group = zarr.open_group(str(store), mode="r")
+    output = group["0"][:]
+    attrs = group.attrs.asdict()
+    source = _source_at(reader, roi, output.shape[1:])
+    row = np.concatenate([source, render(output, attrs)], axis=1)
+    log(f"  wrote {store} ({output.shape[2]} x {output.shape[1]} px, {seconds:.0f} s)")
+    return ({"model": entry.id, "task": task, "source": str(slide), "roi_level0": list(roi), "mpp": mpp,
+             "output": str(store), "shape": list(output.shape), "seconds": round(seconds, 1),
+             "channels": [c.get("label") for c in attrs.get("omero", {}).get("channels", [])]}, row)
 
 
 def demo_stain_config(model: str, task: str, config: DemoConfig = DemoConfig()):

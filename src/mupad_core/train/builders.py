@@ -99,6 +99,10 @@ def build_distillation(config: RunConfig, codec, device: torch.device):
     if (pipeline.get("channels") or None) != (config.channels or None):
         raise ConfigError(f"{config.source_file}: channels {config.channels} differ from the teacher's "
                           f"{pipeline.get('channels')}")
+    view = pipeline.get("source_view") or "rgb"
+    if view != config.data.source_view:
+        raise ConfigError(f"{config.source_file}: data.source_view is {config.data.source_view!r} but the teacher "
+                          f"{folder} sees its source as {view!r}; set data.source_view: {view}")
     student = load_model(folder)
     if student.config.in_channels != codec.latent_channels:
         raise ConfigError(f"{config.source_file}: the codec gives {codec.latent_channels} latent channels, the teacher "
