@@ -200,24 +200,24 @@ def test_stain_he2he_with_the_variations_model_and_annealed_guidance(tmp_path, c
 
 
 def test_stain_runs_a_model_at_its_own_pixel_size_by_default(tmp_path, capsys):
-    """demo-he2ihc was trained at 4.6 µm/px: without --target-mpp that is the output's size
-    (at the scan's 0.5 µm/px it would be ~80x the work and outside what it learnt). Without
-    --task the task is the model's own, as in the widget."""
+    """demo-he2ihc was trained at 0.5 µm/px: without --target-mpp that is the output's size
+    (at another size it would see tissue at a scale it never learnt). Without --task the task
+    is the model's own, as in the widget."""
     from mupad_core.demo import sample_slide_path
 
     out = tmp_path / "ihc.ome.zarr"
     code = main(["stain", str(sample_slide_path()), "-o", str(out), "--model", "demo-he2ihc",
-                 "--roi", "0", "0", "460", "368", "--steps", "1"])
+                 "--roi", "800", "1200", "300", "200", "--steps", "1"])
     assert code == 0
     assert zarr.open_group(str(out), mode="r").attrs["mupad"]["task"] == "he2ihc"
-    assert "model's own 4.6 µm/px" in capsys.readouterr().err
+    assert "model's own 0.5 µm/px" in capsys.readouterr().err
     validate_omezarr(out)
     group = zarr.open_group(str(out), mode="r")
     scale = group.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
-    assert scale[-2:] == pytest.approx([4.6, 4.6])
-    assert group["0"].shape == (3, 40, 50)  # 368 x 460 level-0 px at 0.499 -> 4.6 µm/px
+    assert scale[-2:] == pytest.approx([0.5, 0.5])
+    assert group["0"].shape == (3, 200, 299)  # 200 x 300 level-0 px at 0.499 -> 0.5 µm/px
     engine = group.attrs["mupad"]["engine"]
-    assert engine["window_px"] == 64 and engine["overlap_px"] == 16  # its own window, as the widget
+    assert engine["window_px"] == 128 and engine["overlap_px"] == 32  # its own window, as the widget
 
 
 @pytest.mark.parametrize(
@@ -225,9 +225,11 @@ def test_stain_runs_a_model_at_its_own_pixel_size_by_default(tmp_path, capsys):
     [
         (["--model", "identity", "--target-mpp", "-1"], "target pixel size must be a positive number"),
         (["--model", "identity", "--target-mpp", "nan"], "target pixel size must be a positive number"),
-        (["--model", "demo-he2ihc", "--window-px", "68"], "window_px=68 must be a multiple of 8"),
+        (["--model", "demo-he2ihc", "--window-px", "68"], "window_px=68 must be a multiple of 16"),
+        (["--model", "demo-he2ihc", "--window-px", "0"], "window_px=0 must be a positive whole number"),
+        (["--model", "identity", "--overlap-px", "-16"], "overlap_px=-16 must be a non-negative whole number"),
     ],
-    ids=["negative-mpp", "nan-mpp", "window-not-whole-patches"],
+    ids=["negative-mpp", "nan-mpp", "window-not-whole-patches", "zero-window", "negative-overlap"],
 )
 def test_bad_engine_settings_are_refused_before_anything_is_written(tmp_path, capsys, flags, expect):
     """One line naming the setting; no store and no stale .partial left behind."""
@@ -237,6 +239,15 @@ def test_bad_engine_settings_are_refused_before_anything_is_written(tmp_path, ca
     line = _fail(["stain", str(sample_slide_path()), "-o", str(out), "--roi", "0", "0", "256", "256", "--quiet",
                   *flags], capsys)
     assert expect in line
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_region_too_large_to_generate_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The one size policy (generate/config.py) that the ROI widget applies too."""
+    out = tmp_path / "big.ome.zarr"
+    line = _fail(["generate", "-o", str(out), "--model", "demo-text2he", "--text", "H&E", "--size", "5000", "5000",
+                  "--quiet"], capsys)
+    assert "is 5000 x 5000 px, more than the limit of 16777216 px" in line
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .generate.config import MAX_REGION_PIXELS
 from .tasks import SLIDE_TASKS
 
 
@@ -286,6 +287,7 @@ def _cmd_synth_pairs(args) -> int:
 def _cmd_generate(args) -> int:
     import numpy as np
 
+    from .generate.config import check_region_size
     from .generate.engine import output_origin
     from .generate.roi import condition_from, generate_to_omezarr, load_generator
     from .models.checkpoint import read_pipeline
@@ -325,6 +327,7 @@ def _cmd_generate(args) -> int:
     else:
         mpp = args.mpp or model_mpp
         height, width = args.size
+    check_region_size(height, width, "the region to generate", args.max_pixels)
     bar, progress = _progress_bar("generate", args.quiet)
     written = generate_to_omezarr(gen, args.out, height, width, conditions, record, mpp=mpp, origin=origin,
                                   samples=args.samples, seed=args.seed, steps=args.steps, guidance=args.guidance,
@@ -337,6 +340,7 @@ def _cmd_generate(args) -> int:
 
 def _cmd_translate(args) -> int:
     from .generate.engine import output_origin
+    from .generate.config import check_region_size
     from .generate.roi import load_generator
     from .generate.translate import TranslateSettings, translate_region
     from .slide.readers import open_slide
@@ -350,9 +354,7 @@ def _cmd_translate(args) -> int:
         width0, height0 = reader.dimensions
         roi = tuple(args.roi) if args.roi else (0, 0, width0, height0)
         x, y, w, h = roi
-        if w * h > args.max_pixels:
-            raise ValueError(f"{reader.path.name}: region {w} x {h} px is larger than --max-pixels {args.max_pixels}; "
-                             "translate a smaller --roi")
+        check_region_size(h, w, f"{reader.path.name}: --roi", args.max_pixels)
         pixels = reader.read_region(0, x, y, w, h)
         mpp = reader.level_mpp(0) if reader.mpp is not None else None
         origin = output_origin(reader, roi, mpp, mpp[0]) if mpp is not None else None
@@ -567,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--samples", type=int, default=1, metavar="K",
                      help="average K samples and write their spread to NAME.spread.ome.zarr (default 1)")
     gen.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    gen.add_argument("--max-pixels", type=int, default=MAX_REGION_PIXELS, help="refuse larger regions (default 4096²)")
     _add_sampling_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
@@ -585,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--inject", choices=("maps", "features"), default="maps",
                     help="inject the reconstruction's attention maps (the paper) or its attention outputs")
     tr.add_argument("--mpp", type=float, help="pixel size (µm/px) when the file has none")
-    tr.add_argument("--max-pixels", type=int, default=4096 * 4096, help="refuse larger regions (default 4096²)")
+    tr.add_argument("--max-pixels", type=int, default=MAX_REGION_PIXELS, help="refuse larger regions (default 4096²)")
     tr.add_argument("--overwrite", action="store_true")
     _add_sampling_args(tr)
     tr.set_defaults(func=_cmd_translate, steps=50)

@@ -13,6 +13,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 
+MAX_REGION_PIXELS = 4096 * 4096  # one generated region (ROI generation, translation): beyond it a CPU run takes hours
+
+
+def check_region_size(height: int, width: int, what: str = "region", limit: int = MAX_REGION_PIXELS) -> None:
+    """Refuse a region-generation job larger than `limit` pixels before any work (one line)."""
+    if height * width > limit:
+        raise ValueError(f"{what} is {width} x {height} px, more than the limit of {limit} px for one generated "
+                         "region: choose a smaller one or a coarser pixel size")
+
+
 def model_pipeline(spec: str) -> dict:
     """The `mupad_pipeline.json` of a bundled model id, a local checkpoint folder or a hub id
     already in the MUPAD cache; {} for `identity` and anything not found. It never downloads
@@ -88,6 +98,12 @@ class StainConfig:
         if unknown:
             raise TypeError(f"unknown engine setting(s): {', '.join(unknown)}")
         given = {k: v for k, v in overrides.items() if v is not None}
+        for name in ("window_px", "overlap_px", "margin_px", "block_px", "chunk_px", "steps", "samples"):
+            value = given.get(name)
+            smallest = 0 if name in ("overlap_px", "margin_px") else 1
+            if value is not None and (not float(value).is_integer() or value < smallest):
+                kind = "a non-negative" if smallest == 0 else "a positive"
+                raise ValueError(f"{name}={value} must be {kind} whole number")
         defaults = model_defaults(model)
         window = int(given.get("window_px") or defaults.get("window_px") or cls.window_px)
         given.setdefault("task", defaults.get("task", "he2he"))

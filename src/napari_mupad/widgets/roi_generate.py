@@ -41,6 +41,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from mupad_core.generate.config import check_region_size
+
 from . import _geometry as geo
 from ._relay import Relay
 from ._worker import JobControls, main_thread_torch_threads, match_torch_threads, resolve_device
@@ -48,7 +50,6 @@ from ._worker import JobControls, main_thread_torch_threads, match_torch_threads
 CONDITIONS = ("Text prompt", "RNA profile", "Reference image", "Translate region (FF→FFPE)")
 KINDS = ("text", "rna", "image", "translate")
 DEVICES = ("auto", "cpu", "cuda")
-MAX_PIXELS = 4096 * 4096  # per rectangle: beyond this a CPU run takes hours; draw smaller ROIs
 REFERENCE_MAX_PX = 2048  # a reference region is read from the level that brings it under this
 
 
@@ -335,9 +336,7 @@ class RoiGenerateWidget(JobControls, QWidget):
         jobs = []
         for i, (tl, br) in enumerate(boxes):
             (h, w), scale, translate = geo.fit_box(tl, br, pixel)
-            if h * w > MAX_PIXELS:
-                raise ValueError(f"rectangle {i + 1} is {w} x {h} px at {pixel:g} per px; "
-                                 f"draw a smaller one or raise the pixel size (limit {MAX_PIXELS} px)")
+            check_region_size(h, w, f"rectangle {i + 1} at {pixel:g} per px")
             jobs.append(RoiJob(i, (h, w), scale, translate, ((float(tl[0]), float(tl[1])),
                                                              (float(br[0]), float(br[1])))))
         return jobs
