@@ -1,7 +1,7 @@
 """fresh frozen -> FFPE on held-out MoNuSeg slides: does the output look FFPE, and keep the cells?
 
     python scripts/heldout_ff2ffpe.py --model demo-text2he [--steps 30] [--guidance 2] \
-        [--inject 0.6] [--figure docs/images/ff2ffpe-heldout.png]
+        [--inject 0.6] [--stain-model runs/ff2ffpe-cyclegan/model] [--figure docs/images/ff2ffpe-heldout.png]
 
 Held out: the frozen and FFPE MoNuSeg slides of the `val` split of runs/demo-data/he_atlas
 (whole TCGA slides no model trained on; 256-px crops at 0.5 µm/px). Each frozen crop is
@@ -11,6 +11,10 @@ caption with "FFPE" (`generate.translate`, self-attention maps injected for the 
 crops: KID and FID of the frozen inputs (where translation starts) and of the translations
 (the AI-FFPE criterion: translated closer to FFPE than the input), and the luminance SSIM of
 each translation to its input (structure kept). Few crops: read the intervals.
+
+`--stain-model` (repeatable) adds a model that restains a slide (`mupad stain --task ff2ffpe`,
+e.g. the unpaired CycleGAN of configs/ff2ffpe-cyclegan.yaml), run through the whole-slide
+engine over each frozen crop; `--model none` leaves the text-inversion route out.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--inject", type=float, default=0.6)
+    parser.add_argument("--stain-model", action="append", default=[])
     parser.add_argument("--figure")
     args = parser.parse_args()
     from skimage.metrics import structural_similarity
@@ -47,25 +52,32 @@ def main() -> None:
     val = [r for r in read_rows("val") if r["source"].startswith("monuseg_")]
     frozen = [r for r in val if " frozen " in r["caption"]]
     ffpe = [r for r in val if " FFPE " in r["caption"]]
-    gen = load_generator(args.model)
     features = load_extractor("inception")
     real_ffpe = features(load_crops(ffpe)).numpy()
     inputs = load_crops(frozen)
-    outputs, ssims = [], []
-    for row, image in zip(frozen, inputs):
-        settings = TranslateSettings(source_prompt=row["caption"], target_prompt=row["caption"].replace(" frozen ", " FFPE "),
-                                     steps=args.steps, guidance=args.guidance, inject_steps=args.inject)
-        out = translate_region(gen, image, settings).pixels
-        outputs.append(out)
-        grey = lambda x: (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).numpy()  # noqa: E731
-        ssims.append(structural_similarity(grey(image), grey(out), data_range=1.0))
-    outputs = torch.stack(outputs)
+    grey = lambda x: (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).numpy()  # noqa: E731
+    rows = {"frozen inputs (untranslated)": (inputs, None)}
+    if args.model != "none":
+        gen = load_generator(args.model)
+        outputs = []
+        for row, image in zip(frozen, inputs):
+            settings = TranslateSettings(source_prompt=row["caption"],
+                                         target_prompt=row["caption"].replace(" frozen ", " FFPE "),
+                                         steps=args.steps, guidance=args.guidance, inject_steps=args.inject)
+            outputs.append(translate_region(gen, image, settings).pixels)
+        rows[f"{args.model}: text inversion, {args.steps} steps, guidance {args.guidance}, "
+             f"maps injected {args.inject:.0%}"] = (torch.stack(outputs), None)
+    for model in args.stain_model:
+        rows[f"{model}: mupad stain --task ff2ffpe"] = (stain_crops(model, frozen), None)
+    for label, (pixels, _) in rows.items():
+        if pixels is not inputs:
+            rows[label] = (pixels, [structural_similarity(grey(a), grey(b), data_range=1.0)
+                                    for a, b in zip(inputs, pixels)])
     print(f"Held-out MoNuSeg: {len(frozen)} frozen crops -> FFPE, against {len(ffpe)} real FFPE crops "
-          f"(whole slides never trained on); {args.model}, {args.steps} steps, guidance {args.guidance}, "
-          f"maps injected for {args.inject:.0%} of the steps; InceptionV3 features.\n")
+          f"(whole slides never trained on); InceptionV3 features.\n")
     print("| images | KID x1000 to held-out FFPE [95 % CI] | FID to held-out FFPE [95 % CI] | luminance SSIM to input |")
     print("|---|---|---|---|")
-    for label, pixels, ssim in (("frozen inputs (untranslated)", inputs, None), ("translated to FFPE", outputs, ssims)):
+    for label, (pixels, ssim) in rows.items():
         f_ = features(pixels).numpy()
         k, f = kid(f_, real_ffpe, resamples=100), fid(f_, real_ffpe, resamples=100)
         print(f"| {label} | {k.value * 1e3:.1f} [{k.low * 1e3:.1f}, {k.high * 1e3:.1f}] | {f.value:.0f} "
@@ -75,11 +87,36 @@ def main() -> None:
 
         picks = range(0, len(frozen), max(1, len(frozen) // 4))[:4]
         pad = torch.ones(3, 256, 6)
-        top = torch.cat([torch.cat([inputs[i], pad], 2) for i in picks], 2)
-        bottom = torch.cat([torch.cat([outputs[i], pad], 2) for i in picks], 2)
-        sheet = torch.cat([top, torch.ones(3, 6, top.shape[-1]), bottom], 1)
+        strips = [torch.cat([torch.cat([pixels[i], pad], 2) for i in picks], 2) for pixels, _ in rows.values()]
+        sheet = torch.cat([torch.cat([strip, torch.ones(3, 6, strip.shape[-1])], 1) for strip in strips], 1)
         Image.fromarray((sheet.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(args.figure)
-        print(f"\nwrote {args.figure}: top frozen inputs, bottom their FFPE translations")
+        print(f"\nwrote {args.figure}: rows " + " | ".join(rows))
+
+
+def stain_crops(model: str, frozen: list[dict]) -> torch.Tensor:
+    """Each frozen crop restained by `model` through the whole-slide engine, in `frozen`'s order."""
+    import csv
+    import tempfile
+
+    import zarr
+
+    from mupad_core.evaluate.heldout import evaluate_heldout
+    from heldout_text2he import DATA
+
+    with tempfile.TemporaryDirectory() as scratch:
+        manifest = DATA / f".heldout-ff2ffpe-{Path(scratch).name}.csv"  # beside the crops: their paths resolve
+        try:
+            with manifest.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=["source", "target", "split"])
+                writer.writeheader()
+                writer.writerows({"source": r["source"], "target": r["source"], "split": "val"} for r in frozen)
+            evaluate_heldout(model, manifest, "ff2ffpe", 0.5, keep=Path(scratch),
+                             window_px=256 if model == "identity" else None)  # identity: no pipeline file
+        finally:
+            manifest.unlink(missing_ok=True)
+        outputs = [zarr.open_group(str(Path(scratch) / f"val_{n}.ome.zarr"), mode="r")["0"][:]
+                   for n in range(len(frozen))]
+    return torch.from_numpy(np.stack(outputs)).float() / 255
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ training, and `manifest.csv`.
 - `he_atlas/`: 256-px crops at 0.5 µm/px (20x) of MoNuSeg's 40 TCGA tiles (ten organs,
   frozen and FFPE) and GlaS's 145 graded colon images, captioned by preparation, organ or
   cancer type and grade; whole slides and whole GlaS patients are held out. For text→H&E,
-  and FF→FFPE by inversion between the "frozen" and "FFPE" captions.
+  and FF→FFPE by inversion between the "frozen" and "FFPE" captions; `he_atlas/ff2ffpe.csv`
+  lists its MoNuSeg frozen crops beside random FFPE crops (unpaired FF→FFPE, as AI-FFPE).
 - `deepliif_crops/`: 128-px crops of the training part of `deepliif/` (the same split), for
   models whose latents are cached once (a pretrained codec costs more per step than training).
 - `ki67_ihc/`: real Ki67 IHC at 0.5 µm/px (DeepLIIF's large-tissue regions and Lung1 IHC
@@ -245,6 +246,32 @@ def prepare_he_atlas(shared: Path, out: Path, copies: int = 3) -> Path:
     return folder
 
 
+def prepare_ff2ffpe(shared: Path, out: Path, copies: int = 3, seed: int = 0) -> Path:
+    """Unpaired fresh-frozen -> FFPE rows over the atlas's MoNuSeg crops (AI-FFPE's setting):
+    each frozen crop as source beside a randomly drawn FFPE crop of the same split as target.
+    The pairing means nothing (different slides, different patients); an unpaired model such
+    as the CycleGAN uses the target only as an example of the FFPE domain. Written as
+    he_atlas/ff2ffpe.csv so the crop paths resolve; the split is the atlas's (whole slides)."""
+    folder = out / "he_atlas"
+    if not (folder / "manifest.csv").is_file():
+        prepare_he_atlas(shared, out)
+    with (folder / "manifest.csv").open() as fh:
+        atlas = {row["source"]: row for row in csv.DictReader(fh) if row["source"].startswith("monuseg_")}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split in ("train", "val"):
+        frozen = sorted(n for n, r in atlas.items() if r["split"] == split and " frozen " in r["caption"])
+        ffpe = sorted(n for n, r in atlas.items() if r["split"] == split and " FFPE " in r["caption"])
+        for name in frozen:
+            for _ in range(copies if split == "train" else 1):
+                rows.append({"source": name, "target": str(ffpe[rng.integers(len(ffpe))]), "split": split})
+    with (folder / "ff2ffpe.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["source", "target", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "ff2ffpe.csv"
+
+
 def prepare_deepliif_crops(shared: Path, out: Path, n: int = 480, size: int = 128, seed: int = 0) -> Path:
     """`n` random `size`-px crops of the DeepLIIF training columns (source and target alike)."""
     if not (out / "deepliif" / "manifest.csv").is_file():
@@ -340,7 +367,7 @@ def main(argv=None) -> int:
     if not (shared / "mif" / "deepliif" / "Lung1.png").is_file():
         raise SystemExit(f"{shared}: not the shared data folder (no mif/deepliif/Lung1.png)")
     for prepare in (prepare_deepliif, prepare_birl, prepare_he_captions, prepare_stain_domains, prepare_he_atlas,
-                    prepare_deepliif_crops, prepare_ki67_ihc):
+                    prepare_ff2ffpe, prepare_deepliif_crops, prepare_ki67_ihc):
         print(prepare(shared, out))
     return 0
 
