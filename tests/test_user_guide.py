@@ -38,7 +38,7 @@ def _save_window(viewer, name: str) -> np.ndarray:
     return shot
 
 
-@pytest.mark.slow  # ~60 s on 2 cores: the view (about 700 x 500 px of tissue) through demo-he2ihc, 8 steps
+@pytest.mark.slow  # ~70 s on 2 cores: the view (about 500 x 400 px of tissue) through demo-he2ihc, 4 steps
 def test_open_stain_toggle_export(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1400, 860)
@@ -60,12 +60,12 @@ def test_open_stain_toggle_export(make_napari_viewer, qtbot, tmp_path):
     assert widget.task_combo.currentText() == "he2ihc"
     assert widget.mpp_spin.value() == pytest.approx(0.5)  # the model's own pixel size
     widget.region_combo.setCurrentText("Current view")
-    widget.steps_spin.setValue(8)
+    widget.steps_spin.setValue(4)
     _settle(viewer, qtbot)
     # Zoom in on the epidermis (level-0 px around x 1000, y 1350): the view is the region.
     mpp = slide.scale[-1]
     viewer.camera.center = (1350 * mpp, 1000 * mpp)
-    viewer.camera.zoom = min(np.asarray(viewer.canvas.size) / (np.array([500, 700]) * mpp))
+    viewer.camera.zoom = min(np.asarray(viewer.canvas.size) / (np.array([400, 500]) * mpp))
     qtbot.wait(100)
     widget.run()
     assert widget.running, widget.status_label.text()
