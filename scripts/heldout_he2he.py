@@ -25,7 +25,7 @@ import argparse
 
 import numpy as np
 import torch
-from heldout_text2he import DATA, SIZE, load_crops, read_rows
+from heldout_text2he import DATA, SIZE, heldout_and_floors, load_crops
 
 
 def retrieval(drawn: np.ndarray, references: np.ndarray) -> tuple[float, float]:
@@ -50,18 +50,12 @@ def main() -> None:
     torch.set_grad_enabled(False)
     if not (DATA / "manifest.csv").is_file():
         raise SystemExit(f"{DATA}: no demo data; run python -m mupad_core.demo_data first")
-    val, train = read_rows("val"), read_rows("train")
-    rng = np.random.default_rng(0)
-    train = [train[i] for i in sorted(rng.choice(len(train), size=min(400, len(train)), replace=False))]
+    features = load_extractor("inception")
+    val, _, real_val, floors = heldout_and_floors(features)
     picks = np.linspace(0, len(val) - 1, min(args.references, len(val))).round().astype(int)
     references = load_crops([val[i] for i in picks])
-    features = load_extractor("inception")
-    real_val = features(load_crops(val)).numpy()
     reference_features = real_val[picks]
-    blurred = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(load_crops(val), 8), scale_factor=8,
-                                              mode="bilinear", align_corners=False)
-    results = {"real training crops (floor)": (features(load_crops(train)).numpy(), False),
-               "held-out crops blurred 8x": (features(blurred).numpy(), False)}
+    results = {label: (feats, False) for label, feats in floors.items()}
     sheets = {}
     for model in args.model:
         gen = load_generator(model)

@@ -51,6 +51,21 @@ def load_crops(rows: list[dict]) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
 
 
+def heldout_and_floors(features) -> tuple[list[dict], list[dict], np.ndarray, dict[str, np.ndarray]]:
+    """The held-out rows, 400 training rows (seeded), the held-out crops' features, and the
+    features of the two floors every generator is read against: real training crops (what
+    real tissue scores) and the held-out crops blurred 8x (colour without texture)."""
+    val, train = read_rows("val"), read_rows("train")
+    rng = np.random.default_rng(0)
+    train = [train[i] for i in sorted(rng.choice(len(train), size=min(400, len(train)), replace=False))]
+    held_out = load_crops(val)
+    blurred = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(held_out, 8), scale_factor=8,
+                                              mode="bilinear", align_corners=False)
+    floors = {"real training crops (floor)": features(load_crops(train)).numpy(),
+              "held-out crops blurred 8x": features(blurred).numpy()}
+    return val, train, features(held_out).numpy(), floors
+
+
 def malignant(caption: str) -> bool | None:
     if "malignant" in caption:
         return True
@@ -74,21 +89,15 @@ def main() -> None:
     torch.set_grad_enabled(False)
     if not (DATA / "manifest.csv").is_file():
         raise SystemExit(f"{DATA}: no demo data; run python -m mupad_core.demo_data first")
-    val, train = read_rows("val"), read_rows("train")
-    rng = np.random.default_rng(0)
-    train = [train[i] for i in sorted(rng.choice(len(train), size=min(400, len(train)), replace=False))]
     features = load_extractor("inception")
-    real_val = features(load_crops(val)).numpy()
-    real_train_pixels = load_crops(train)
-    real_train = features(real_train_pixels).numpy()
-    blurred = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(load_crops(val), 8), scale_factor=8,
-                                              mode="bilinear", align_corners=False)
+    val, train, real_val, floors = heldout_and_floors(features)
+    real_train = floors["real training crops (floor)"]
     labels = [malignant(r["caption"]) for r in train]
     keep = [i for i, v in enumerate(labels) if v is not None]
     classifier = LogisticRegression(max_iter=2000, C=0.1).fit(real_train[keep], np.array([labels[i] for i in keep]))
 
     captions = sorted({r["caption"] for r in val})
-    results = {"real training crops (floor)": (real_train, None), "held-out crops blurred 8x": (features(blurred).numpy(), None)}
+    results = {label: (feats, None) for label, feats in floors.items()}
     sheets = {}
     for model in args.model:
         gen = load_generator(model)
