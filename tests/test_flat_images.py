@@ -97,6 +97,20 @@ def test_an_interrupted_build_leaves_no_cache_and_the_next_open_builds_it(he_ima
         assert len(reader.levels) > 1
 
 
+def test_a_second_process_building_the_same_overview_keeps_the_first_ones(he_image, tmp_path):
+    """Two dask workers (or viewers) opening one flat slide at once both build its overview: the
+    one that finishes second finds the store in place, keeps it and leaves no partial behind."""
+    path = write_flat(tmp_path / "flat.tif", he_image, "tiled")
+    with open_slide(path, mpp=0.5) as reader:
+        store = overview_cache.cache_path(path)
+        before = np.asarray(reader.levels[1])
+    with open_slide(path, mpp=0.5, overview=False) as late:  # its open raced the first: no cache seen
+        assert overview_cache.build_overview(late, store) == store
+    assert [p.name for p in store.parent.iterdir() if p.name.startswith(store.name)] == [store.name]
+    with open_slide(path, mpp=0.5) as reader:
+        np.testing.assert_array_equal(np.asarray(reader.levels[1]), before)
+
+
 def test_images_below_the_threshold_are_left_alone(cmu1, tmp_path, monkeypatch):
     monkeypatch.setattr(overview_cache, "MIN_FLAT_SIDE_PX", 8192)  # the default: CMU-1's 2967 px is below it
     with open_slide(cmu1) as reader:

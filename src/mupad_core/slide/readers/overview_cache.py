@@ -76,14 +76,17 @@ def add_overview(reader: SlideReader, progress: Progress | None = None) -> Slide
 
 
 def build_overview(reader: SlideReader, store: Path, progress: Progress | None = None) -> Path:
-    """Stream level 0 once into the cached pyramid at `store` (via `store`.partial)."""
+    """Stream level 0 once into the cached pyramid at `store` (via a partial of this process).
+
+    Two processes may build the same overview at once (dask workers on one slide, two
+    viewers): each writes its own partial and the first to finish wins; the other keeps it."""
     level0 = reader.levels[0]
     height, width, channels = level0.shape
     whole_decode = reader.backend == "pil"
     factors = ([1] if whole_decode else []) + [FIRST_FACTOR]
     while max(math.ceil(height / factors[-1]), math.ceil(width / factors[-1])) > COARSEST_SIDE_PX:
         factors.append(factors[-1] * 2)
-    partial = store.with_name(store.name + ".partial")
+    partial = store.with_name(f"{store.name}.partial-{os.getpid()}")
     if partial.exists():
         shutil.rmtree(partial)
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -118,9 +121,12 @@ def build_overview(reader: SlideReader, store: Path, progress: Progress | None =
     group.attrs["source"] = {"path": str(reader.path), "shape": [height, width, channels]}
     if progress is not None:
         progress(len(blocks) + 1, len(blocks) + 1)
-    if store.exists():
-        shutil.rmtree(store)
-    os.replace(partial, store)
+    try:
+        os.replace(partial, store)
+    except OSError:  # another process finished the same overview first: its copy is as good
+        if not (store / "zarr.json").exists() and not (store / ".zgroup").exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
     return store
 
 
