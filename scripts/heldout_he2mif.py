@@ -47,12 +47,41 @@ def tile_mean_box_pcc(prediction: np.ndarray, reference: np.ndarray, tile: int =
     return np.nanmean(np.stack(values), axis=0)
 
 
+def codec_rows(codec_name: str, source: np.ndarray, target: np.ndarray) -> dict:
+    """The codec's ceiling (the real mIF after a round trip) and what copying the floor through it
+    scores (the `h_dab` source view after a round trip)."""
+    import torch
+
+    from mupad_core.evaluate.metrics import patch_pearson, pearson
+    from mupad_core.models.vae import load_vae
+    from mupad_core.slide.stains import h_dab_view
+
+    codec = load_vae(codec_name)
+
+    def round_trip(image: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return codec.decode(codec.encode(image[None])).clamp(0, 1)[0].permute(1, 2, 0).double().numpy()
+
+    def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255
+
+    rows = {}
+    for label, image in ((f"real mIF through {codec_name} (codec ceiling)", to_tensor(target)),
+                         (f"h_dab view of the input through {codec_name}", h_dab_view(to_tensor(source)))):
+        out = round_trip(image)
+        rows[label] = {"patch_pcc": patch_pearson(out, target).tolist(), "tile_pcc": tile_mean_box_pcc(out, target).tolist(),
+                       "pcc": pearson(out, target).tolist()}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], help="a model name or folder (repeatable)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samples", type=int, default=1, help="score the mean of this many samples")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--codec", help="also score what this codec keeps: the real mIF and the h_dab view of the "
+                                        "input, each encoded and decoded (e.g. taef2)")
     args = parser.parse_args()
     from PIL import Image
 
@@ -68,6 +97,8 @@ def main() -> None:
     rows = {"colour deconvolution (floor)": {"patch_pcc": patch_pearson(floor, target).tolist(),
                                              "tile_pcc": tile_mean_box_pcc(floor, target).tolist(),
                                              "pcc": pearson(floor, target).tolist()}}
+    if args.codec:
+        rows.update(codec_rows(args.codec, source, target))
     from mupad_core.generate.config import model_pipeline
 
     for model in args.model:

@@ -14,7 +14,7 @@ from skimage.color import rgb2hed
 
 from mupad_core.demo import sample_slide_path
 from mupad_core.slide.readers import open_slide
-from mupad_core.slide.stains import haematoxylin_view, source_view
+from mupad_core.slide.stains import h_dab_view, haematoxylin_view, source_view
 from mupad_core.train.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +43,21 @@ def test_the_view_keeps_the_haematoxylin_and_drops_eosin_and_dab(crop):
     assert np.abs(before[..., 1:]).max() > 0.02  # ... where the input had them
     assert np.abs(after[..., 0] - before[..., 0]).max() < 1e-3  # the haematoxylin exactly as it was
     assert not torch.allclose(view, image, atol=0.02)
+
+
+def test_the_h_dab_view_is_the_deconvolution_floor_laid_out_as_the_panel():
+    """What an mIF model with `source_view: h_dab` starts from: haematoxylin bright in the DAPI and
+    Lap2β channels, DAB bright in the Ki67 channel, on a real DAB IHC."""
+    image = real_ihc_crop()
+    view = h_dab_view(image)
+    assert view.shape == image.shape and float(view.min()) >= 0 and float(view.max()) <= 1
+    hed = rgb2hed(image.permute(1, 2, 0).numpy())
+    assert torch.equal(view[0], view[1])
+    for channel, stain in ((0, 0), (2, 2)):  # the stain amount, full scale at 0.2, clipped to [0, 1]
+        np.testing.assert_allclose(view[channel].numpy(), np.clip(hed[..., stain] / 0.2, 0, 1), atol=1e-4)
+        assert float(view[channel].std()) > 0.02
+    assert np.corrcoef(view[2].flatten().numpy(), hed[..., 0].flatten())[0, 1] < 0.9  # DAB is not the haematoxylin
+    assert source_view("h_dab") is h_dab_view
 
 
 def test_unknown_views_are_named():

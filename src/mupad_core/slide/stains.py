@@ -54,9 +54,29 @@ def haematoxylin_view(image: torch.Tensor) -> torch.Tensor:
     return hed_to_rgb(only).to(image.dtype)
 
 
+# Stain amounts that fill the view's range: rgb2hed's haematoxylin and DAB reach about 0.15-0.2
+# at their darkest on 40x Ki67 IHC (DeepLIIF) and H&E.
+_AMOUNT_FULL_SCALE = 0.2
+
+
+def h_dab_view(image: torch.Tensor) -> torch.Tensor:
+    """Haematoxylin in the first two channels and DAB in the third, bright where stained.
+
+    The colour-deconvolution reading of a brightfield slide laid out like a nuclear /
+    nuclear-envelope / proliferation fluorescence panel (DAPI, Lap2β, Ki67): an mIF model then
+    starts from the arithmetic floor and learns what it gets wrong, instead of re-deriving
+    stain separation from one panel.
+    """
+    stains = rgb_to_hed(image)
+    h = (stains[..., 0, :, :] / _AMOUNT_FULL_SCALE).clamp(0, 1)
+    dab = (stains[..., 2, :, :] / _AMOUNT_FULL_SCALE).clamp(0, 1)
+    return torch.stack([h, h, dab], dim=-3).to(image.dtype)
+
+
 SOURCE_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
     "rgb": None,  # the pixels as read
     "haematoxylin": haematoxylin_view,
+    "h_dab": h_dab_view,
 }
 
 
