@@ -4,6 +4,8 @@
 #   bash scripts/test.sh                 # whole suite
 #   bash scripts/test.sh tests/test_plugin_manifest.py -x -q   # any pytest arguments
 #
+# The suite runs on one pytest-xdist worker per core (at most 4; MUPAD_TEST_WORKERS=N to choose,
+# 0 for one process), each worker with its own Xvfb and its share of the torch threads.
 # Runs scripts/setup.sh --with-system first (apt packages for Xvfb/Qt when missing: needs
 # root or sudo; the venv; the project), checks the stack, then pytest with QT_API=pyqt6.
 # pytest-xvfb starts the virtual X server; "no tests collected" counts as a failure.
@@ -32,9 +34,18 @@ for mod in torch napari openslide; do
 done
 log "stack ok: Xvfb ($(command -v Xvfb)), torch, napari, openslide"
 
-log "running: .venv/bin/python -m pytest $*"
+WORKERS="${MUPAD_TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}"
+[ "$WORKERS" -gt 4 ] && WORKERS=4
+PARALLEL=()
+if [ "$WORKERS" -gt 1 ]; then
+    case " $* " in
+        *" -n "*|*" -p no:xdist "*|*" --pdb "*) ;;  # the caller chose
+        *) PARALLEL=(-n "$WORKERS" --dist worksteal) ;;
+    esac
+fi
+log "running: .venv/bin/python -m pytest ${PARALLEL[*]} $*"
 set +e
-"$VPY" -m pytest "$@"
+"$VPY" -m pytest "${PARALLEL[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
