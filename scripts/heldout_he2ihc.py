@@ -107,7 +107,8 @@ def score(output: np.ndarray, real: np.ndarray, view: np.ndarray, cells: np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], help="a model name or folder (repeatable)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, nargs="+", default=[20],
+                        help="sampling steps (network passes per tile); several: each model at each count")
     parser.add_argument("--samples", type=int, default=1,
                         help="also score a diffusion model's mean of this many samples (mupad stain --samples)")
     parser.add_argument("--json", help="also write the results here")
@@ -144,11 +145,13 @@ def main() -> None:
                f"linear DAB = {a:.2f}·H {b:+.3f} (floor, fit on training)": floor(view)}
     for model in args.model:
         one_pass = model_pipeline(model).get("kind") in ("pix2pix", "cyclegan")
-        for samples in [1] if one_pass or args.samples < 2 else [1, args.samples]:
+        runs = [(1, 1)] if one_pass else [(steps, samples) for steps in args.steps
+                                          for samples in ([1] if args.samples < 2 else [1, args.samples])]
+        for steps, samples in runs:
             with tempfile.TemporaryDirectory() as keep:
-                evaluate_heldout(model, manifest, "he2ihc", MPP, steps=args.steps, keep=Path(keep), samples=samples)
+                evaluate_heldout(model, manifest, "he2ihc", MPP, steps=steps, keep=Path(keep), samples=samples)
                 output = zarr.open_group(str(Path(keep) / "val_0.ome.zarr"), mode="r")["0"][:].transpose(1, 2, 0)
-            label = "one pass" if one_pass else f"{args.steps} steps" + (f", mean of {samples}" if samples > 1 else "")
+            label = "one pass" if one_pass else f"{steps} steps" + (f", mean of {samples}" if samples > 1 else "")
             outputs[f"{model} ({label})"] = np.asarray(output)
     results = {label: score(out, real, view, cells, positive, extractor, real_features)
                for label, out in outputs.items()}
