@@ -822,6 +822,37 @@ def test_cli_demo_and_widget_resolve_the_same_engine_settings(make_napari_viewer
     assert cli == StainConfig.for_model(model, task=cli.task, steps=12, batch_size=cli.batch_size)
 
 
+def test_a_few_step_model_runs_at_its_own_step_count_unless_told(make_napari_viewer, tmp_path, qtbot):
+    """A distilled student records the steps it was made for (`steps` in mupad_pipeline.json):
+    the command line and the widget start from it, and a step count the user gives wins."""
+    import json
+    import shutil
+
+    from mupad_core.cli import _resolve_task, _stain_config, build_parser
+    from mupad_core.generate.config import StainConfig
+    from mupad_core.zoo import resolve_model
+
+    student = tmp_path / "student"
+    shutil.copytree(resolve_model("demo-he2ihc"), student)
+    pipeline = json.loads((student / "mupad_pipeline.json").read_text())
+    (student / "mupad_pipeline.json").write_text(json.dumps({**pipeline, "steps": 2}))
+    assert StainConfig.for_model("demo-he2ihc").steps == 20  # a model that records none: the engine's default
+    assert StainConfig.for_model(str(student)).steps == 2
+    assert StainConfig.for_model(str(student), steps=6).steps == 6
+
+    def cli(*extra):
+        args = build_parser().parse_args(["stain", "slide.svs", "-o", "out.ome.zarr", "--model", str(student), *extra])
+        _resolve_task(args)
+        return _stain_config(args).steps
+
+    assert cli() == 2 and cli("--steps", "7") == 7
+    widget = _widget(make_napari_viewer(), tmp_path, qtbot)
+    widget.model_combo.setCurrentText(str(student))
+    assert widget.steps_spin.value() == 2 and widget.settings(str(student), "he2ihc").steps == 2
+    widget.model_combo.setCurrentText("demo-he2ihc")
+    assert widget.steps_spin.value() == 20
+
+
 def test_geojson_regions_import_stain_and_export(slide_viewer, tmp_path, qtbot):
     """QuPath's GeoJSON in, polygons as napari shapes, a stain that keeps only the polygons'
     pixels, and the shapes back out as GeoJSON at the same level-0 coordinates."""

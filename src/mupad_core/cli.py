@@ -418,7 +418,9 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                                          "model must be trained for")
     parser.add_argument("--model", default="identity",
                         help="checkpoint folder, hub id, or 'identity' (returns the input; for checks)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps, one network pass each with euler (default: the model's own, "
+                             "recorded in its mupad_pipeline.json, else 20)")
     parser.add_argument("--sampler", choices=("euler", "heun", "sde"), default="euler",
                         help="euler (default), heun (2 passes a step, more accurate at few steps) or sde")
     parser.add_argument("--guidance", type=float, default=0.0,

@@ -49,10 +49,12 @@ def model_pipeline(spec: str) -> dict:
 
 
 def model_defaults(spec: str) -> dict:
-    """What a checkpoint records about how it runs: {"mpp": µm/px, "window_px": px, "task": its
-    first task}, where given. `identity` records nothing."""
+    """What a checkpoint records about how it runs: {"mpp": µm/px, "window_px": px, "steps": the
+    sampling steps it was made for (a few-step student), "task": its first task}, where given.
+    `identity` records nothing."""
     pipeline = model_pipeline(spec)
-    defaults = {key: cast(pipeline[key]) for key, cast in (("mpp", float), ("window_px", int)) if pipeline.get(key)}
+    defaults = {key: cast(pipeline[key]) for key, cast in (("mpp", float), ("window_px", int), ("steps", int))
+                if pipeline.get(key)}
     if pipeline.get("tasks"):
         defaults["task"] = str(pipeline["tasks"][0])
     return defaults
@@ -91,8 +93,8 @@ class StainConfig:
 
     @classmethod
     def for_model(cls, model: str, **overrides) -> "StainConfig":
-        """Settings for `model`: its own task, pixel size and window unless `overrides` say
-        otherwise (None means "not set"); overlap a quarter of the window, margin one window."""
+        """Settings for `model`: its own task, pixel size, window and step count unless `overrides`
+        say otherwise (None means "not set"); overlap a quarter of the window, margin one window."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -108,6 +110,8 @@ class StainConfig:
         window = int(given.get("window_px") or defaults.get("window_px") or cls.window_px)
         given.setdefault("task", defaults.get("task", "he2he"))
         given.setdefault("target_mpp", defaults.get("mpp"))
+        if "steps" in defaults:
+            given.setdefault("steps", defaults["steps"])
         given["window_px"] = window
         given.setdefault("overlap_px", window // 4)
         given.setdefault("margin_px", window)

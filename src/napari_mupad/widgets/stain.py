@@ -314,7 +314,7 @@ class StainWidget(JobControls, QWidget):
         self.strength_spin.setEnabled(supports_strength(self.task_combo.currentText()))
 
     def _model_changed(self, text: str) -> None:
-        """A bundled or local model: take its task, output pixel size and window from its pipeline file.
+        """A bundled or local model: take its task, output pixel size, window and steps from its pipeline file.
 
         Reads JSON only; a hub id is not resolved here (no download on the GUI thread)."""
         self._model_pipeline = model_pipeline(text.strip())
@@ -323,6 +323,7 @@ class StainWidget(JobControls, QWidget):
             self.task_combo.setCurrentText(str(tasks[0]))
         mpp = self._model_pipeline.get("mpp")
         self.mpp_spin.setValue(float(mpp) if mpp else 0.0)
+        self.steps_spin.setValue(int(self._model_pipeline.get("steps") or 20))  # a few-step student says how few
         guided = ("image" in (self._model_pipeline.get("conditions") or [])
                   or self._model_pipeline.get("kind") == "embedding-flow")  # its generator has the stream
         self.guidance_spin.setEnabled(guided)
