@@ -72,7 +72,7 @@ def test_mupad_train_distills_a_bundled_model_into_a_loadable_student(tmp_path):
     from mupad_core.train.run import train
 
     config = {"name": "student", "out_dir": str(tmp_path / "runs"), "task": "he2ihc", "vae": "taef2",
-              "template": "source", "distill": {"teacher": "demo-he2ihc", "teacher_steps": 2},
+              "template": "source", "distill": {"teacher": "demo-he2ihc", "teacher_steps": 2, "student_steps": 3},
               "data": {"kind": "slides", "slides": [str(sample_slide_path())], "patch_px": 64, "mpp": 2.0,
                        "length": 16, "source_view": "haematoxylin"},
               "train": {"steps": 3, "batch_size": 2, "lr": 1e-4, "checkpoint_every": 3, "log_every": 1}}
@@ -83,6 +83,9 @@ def test_mupad_train_distills_a_bundled_model_into_a_loadable_student(tmp_path):
     pipeline = read_pipeline(result.model_dir)
     assert pipeline["teacher_steps"] == 2 and pipeline["distilled_from"].endswith("demo-he2ihc")
     assert pipeline["source_view"] == "haematoxylin"  # the teacher's view of the source, kept
+    from mupad_core.generate.config import StainConfig
+
+    assert pipeline["steps"] == 3 and StainConfig.for_model(str(result.model_dir)).steps == 3  # made for 3 passes
     from mupad_core.zoo import resolve_model
 
     student, teacher = load_model(result.model_dir), load_model(resolve_model("demo-he2ihc"))
@@ -94,3 +97,6 @@ def test_mupad_train_distills_a_bundled_model_into_a_loadable_student(tmp_path):
     path_.write_text(yaml.safe_dump({**config, "name": "blind"}))
     with pytest.raises(ConfigError, match="source_view is 'rgb' but the teacher .* sees its source as 'haematoxylin'"):
         train(load_config(path_), progress_bar=False, log=lambda m: None)
+    path_.write_text(yaml.safe_dump({**config, "distill": {"teacher": "demo-he2ihc", "student_steps": 0}}))
+    with pytest.raises(ConfigError, match="distill.student_steps"):
+        load_config(path_)

@@ -82,6 +82,7 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
            if config.model.get("kind") == "embedding-flow" else {}),
         **({"distilled_from": str(distill_teacher_folder(config)), "teacher_steps": config.distill.teacher_steps}
            if config.distill.teacher else {}),
+        **({"steps": config.distill.student_steps} if config.distill.teacher and config.distill.student_steps else {}),
         "conditions": sorted(config.conditions),
         # How to rebuild each stream's encoder at inference (generate/roi.py reads this).
         "encoders": {m: {"name": s.get("encoder"), **{k: v for k, v in s.items()

@@ -93,6 +93,9 @@ class DistillConfig:
 
     teacher: str | None = None  # a model folder (relative to the config) or id; the student starts from it
     teacher_steps: int = 16  # Euler passes of the teacher's ODE per training pair
+    # The step count the student is made for: recorded as the model's own (`steps` in its
+    # pipeline), where `mupad stain` and the widget start. None: the engine's default.
+    student_steps: int | None = None
 
 
 @dataclass
@@ -258,6 +261,8 @@ def check_config(config: RunConfig, source: str) -> None:
             bad("model", "a distilled student keeps its teacher's architecture; leave model: out")
         if config.distill.teacher_steps < 1:
             bad("distill.teacher_steps", f"must be at least 1, got {config.distill.teacher_steps}")
+        if config.distill.student_steps is not None and config.distill.student_steps < 1:
+            bad("distill.student_steps", f"must be at least 1, got {config.distill.student_steps}")
     t = config.train
     if t.steps < 1:
         bad("train.steps", f"must be at least 1, got {t.steps}")
