@@ -323,7 +323,7 @@ class StainWidget(JobControls, QWidget):
             self.task_combo.setCurrentText(str(tasks[0]))
         mpp = self._model_pipeline.get("mpp")
         self.mpp_spin.setValue(float(mpp) if mpp else 0.0)
-        self.steps_spin.setValue(int(self._model_pipeline.get("steps") or 20))  # a few-step student says how few
+        self.steps_spin.setValue(int(self._model_pipeline.get("steps") or StainConfig.steps))  # a student says how few
         guided = ("image" in (self._model_pipeline.get("conditions") or [])
                   or self._model_pipeline.get("kind") == "embedding-flow")  # its generator has the stream
         self.guidance_spin.setEnabled(guided)
