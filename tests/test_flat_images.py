@@ -5,6 +5,7 @@ in for 40k² ones by lowering the size threshold; benchmarks/flat_images.py meas
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -156,3 +157,71 @@ def test_a_png_over_pils_decompression_bomb_limit_opens(he_image, tmp_path, monk
     with open_slide(path, mpp=0.5, overview=False) as reader:
         np.testing.assert_array_equal(np.asarray(reader.levels[0]), he_image[:600, :800])
     assert PILImage.MAX_IMAGE_PIXELS == 1000  # the limit is PIL's again afterwards
+
+
+@pytest.mark.parametrize("layout", ["stripped", "tiled"])
+def test_a_viewer_open_returns_at_once_and_the_overview_fills_in(he_image, tmp_path, monkeypatch, layout):
+    """`overview="background"` (the napari reader): the file opens before any coarse level is
+    built, blank where nothing is built yet, and the finished overview equals the one a plain
+    open builds; a plain open meanwhile waits for that build instead of building a second."""
+    import threading
+
+    path = write_flat(tmp_path / "flat.tif", he_image, layout)
+    gate = threading.Event()
+    real_pool = overview_cache.mean_pool
+
+    def held_pool(pixels, factor):
+        gate.wait(30)  # the build stays at its first block until the test lets it go
+        return real_pool(pixels, factor)
+
+    monkeypatch.setattr(overview_cache, "mean_pool", held_pool)
+    reader = open_slide(path, mpp=0.5, overview="background")
+    build = reader.overview_build
+    assert build is not None and not build.done() and build.done_blocks == 0
+    assert reader.level_downsamples[:2] == [1.0, 4.0]
+    assert np.all(np.asarray(reader.levels[-1]) == 255)  # nothing built yet: blank glass
+    np.testing.assert_array_equal(np.asarray(reader.levels[0][:300, :400]), he_image[:300, :400])  # level 0 now
+
+    builds, real_build = [], overview_cache.build_overview
+    monkeypatch.setattr(overview_cache, "build_overview", lambda *a, **k: builds.append(a))
+    opened = []
+    waiter = threading.Thread(target=lambda: opened.append(open_slide(path, mpp=0.5)))
+    waiter.start()
+    gate.set()
+    store = build.result(timeout=60)
+    waiter.join(60)
+    assert builds == [] and opened[0].properties["mupad.overview_cache"] == str(store)
+    assert np.asarray(reader.levels[-1]).std() > 10  # the same arrays now read the finished overview
+    monkeypatch.setattr(overview_cache, "mean_pool", real_pool)
+    monkeypatch.setattr(overview_cache, "build_overview", real_build)
+    shutil.rmtree(tmp_path / "home")
+    with open_slide(path, mpp=0.5) as plain:  # a fresh synchronous build of the same file
+        for mine, theirs in zip(opened[0].levels[1:], plain.levels[1:]):
+            np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+    opened[0].close()
+    reader.close()
+    assert [p.name for p in store.parent.iterdir() if ".partial-" in p.name] == []
+
+
+def test_a_background_build_that_fails_leaves_no_partial_and_says_why(he_image, tmp_path, monkeypatch):
+    path = write_flat(tmp_path / "flat.tif", he_image, "tiled")
+
+    def broken(pixels, factor):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(overview_cache, "mean_pool", broken)
+    with open_slide(path, mpp=0.5, overview="background") as reader:
+        with pytest.raises(OSError, match="disk full"):
+            reader.overview_build.result(timeout=60)
+    store = overview_cache.cache_path(path)
+    assert not store.exists() and list(store.parent.glob("*.partial-*")) == []
+
+
+def test_partials_of_dead_processes_are_removed_by_the_next_build(he_image, tmp_path):
+    path = write_flat(tmp_path / "flat.tif", he_image, "tiled")
+    store = overview_cache.cache_path(path)
+    dead = store.with_name(f"{store.name}.partial-999999999-deadbeef")  # no such pid
+    dead.mkdir(parents=True)
+    with open_slide(path, mpp=0.5):
+        pass
+    assert not dead.exists() and store.exists()

@@ -260,6 +260,61 @@ def test_a_big_flat_png_opens_as_a_cached_multiscale_layer(make_napari_viewer, t
     assert shot[..., :3].std() > 10  # tissue drawn, not a blank canvas
 
 
+def test_a_big_flat_tiff_opens_at_once_and_its_overview_fills_in(make_napari_viewer, tmp_path, monkeypatch, qtbot):
+    """The layer is there before any coarse level is built (blank, white glass, where nothing is
+    yet), redraws as bands are built, and draws from the finished cache when the thread is done."""
+    import threading
+
+    import tifffile
+
+    from mupad_core.slide.readers import overview_cache
+    from napari_mupad._reader import OverviewWatcher
+
+    monkeypatch.setenv("MUPAD_HOME", str(tmp_path / "home"))
+    # Stand-ins for a 40k² image: a lower threshold, and small bands so the build has 15 blocks.
+    for name, value in (("MIN_FLAT_SIDE_PX", 1500), ("COARSEST_SIDE_PX", 256), ("BAND_ROWS", 512),
+                        ("BLOCK_COLUMNS", 1024), ("CHUNK_PX", 128)):
+        monkeypatch.setattr(overview_cache, name, value)
+    monkeypatch.setattr(OverviewWatcher, "refresh_s", 0.0)  # redraw at every block
+    with openslide.OpenSlide(str(bundled_slide_path())) as slide:
+        pixels = np.asarray(slide.read_region((0, 0), 0, (2220, 2967)).convert("RGB"))
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, pixels, tile=(256, 256), compression="zlib", photometric="rgb")
+    gate, real_pool, first_level_pools = threading.Event(), overview_cache.mean_pool, []
+
+    def held_pool(px, factor):  # the build stops after 8 of its 15 blocks until the test lets it go
+        if factor == overview_cache.FIRST_FACTOR:
+            first_level_pools.append(1)
+            if len(first_level_pools) > 8:
+                gate.wait(30)
+        return real_pool(px, factor)
+
+    monkeypatch.setattr(overview_cache, "mean_pool", held_pool)
+    viewer = make_napari_viewer(show=True)
+    (layer,) = viewer.open(path, plugin=PLUGIN)
+    level0 = layer.data[0]
+    assert layer.multiscale and len(layer.data) == 4  # level 0, 4x, 8x, 16x
+    assert layer.metadata["mupad_overview_building"].endswith(".zarr")
+    np.testing.assert_array_equal(np.asarray(layer.data[0][:64, :64]), pixels[:64, :64])  # the file itself, now
+
+    qtbot.waitUntil(lambda: "building8" in layer.data[-1].name, timeout=60_000)  # redrawn after block 8
+    coarsest = np.asarray(layer.data[-1])
+    assert coarsest[:16].std() > 10 and np.all(coarsest[-16:] == 255)  # top bands built, the rest blank
+    settle_canvas(viewer, qtbot)
+    viewer.reset_view()
+    viewer.screenshot(str(figures_dir() / "plugin-flat-tiff-building.png"), canvas_only=True, flash=False)
+
+    gate.set()
+    qtbot.waitUntil(lambda: "mupad_overview_building" not in layer.metadata, timeout=60_000)
+    assert layer.data[0] is level0  # the file stays open through the swaps
+    assert all(level.name.startswith("overview-") and "building" not in level.name for level in layer.data[1:])
+    coarse = np.asarray(layer.data[1]).astype(float)
+    assert np.abs(coarse[:100, :100] - pixels[:400, :400].reshape(100, 4, 100, 4, 3).mean(axis=(1, 3))).max() <= 0.5
+    settle_canvas(viewer, qtbot)
+    shot = viewer.screenshot(str(figures_dir() / "plugin-flat-tiff-built.png"), canvas_only=True, flash=False)
+    assert shot[..., :3].std() > 10  # tissue drawn from the finished overview
+
+
 def test_the_reader_closes_the_file_when_its_last_layer_is_gone(make_napari_viewer, tmp_path, monkeypatch):
     import gc
 

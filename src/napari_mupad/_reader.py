@@ -80,6 +80,10 @@ def read_slide(path: str | os.PathLike | list) -> list[LayerDataTuple]:
         reader = open_for_viewing(Path(one_path))
         tuples = slide_layer_data(reader)
         close_with_layers(reader, tuples)
+        if reader.overview_build is not None:
+            for _data, meta, _kind in tuples:
+                meta["metadata"]["mupad_overview_building"] = str(reader.overview_build.store)
+            OverviewWatcher(reader).start()
         layers.extend(tuples)
     return layers
 
@@ -112,11 +116,13 @@ def open_for_viewing(path: Path) -> SlideReader:
     """Open lazily; a file without a pixel size opens in pixels with a warning; any failure
     is a one-line `SlideError` naming the file."""
     try:
+        # A big flat TIFF opens at once and its overview fills in (OverviewWatcher); a PNG,
+        # which can only be decoded whole, is built now under a progress bar.
         with OverviewProgress(path) as progress:
             try:
-                reader = open_slide(path, progress=progress)
+                reader = open_slide(path, progress=progress, overview="background")
             except MissingPixelSizeError as error:
-                reader = open_slide(path, require_mpp=False, progress=progress)
+                reader = open_slide(path, require_mpp=False, progress=progress, overview="background")
                 warn_no_pixel_size(path, error)
         try:
             reader.levels[-1][:1, :1].compute(scheduler="sync")
@@ -152,6 +158,89 @@ class OverviewProgress:
     def __exit__(self, *exc_info: object) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class OverviewWatcher:
+    """Follows a big flat image's overview while a thread builds it: a progress bar, and the
+    slide's layers redrawn every `refresh_s` so the zoomed-out view fills in band by band, then
+    pointed at the finished cache. The build runs on whether or not anyone watches; a failure
+    is a notification naming the file (zoomed in, the image still reads from the file)."""
+
+    refresh_s = 2.0
+
+    def __init__(self, reader: SlideReader):
+        self.reader = reader
+        self.build = reader.overview_build
+        self.store = str(self.build.store)
+        self.generation = 0
+        self.bar = None
+        self.last_refresh = 0.0
+
+    def start(self) -> None:
+        from napari.qt.threading import create_worker
+
+        self.worker = create_worker(self._ticks, _start_thread=False)
+        self.worker.yielded.connect(self._on_tick)
+        self.worker.returned.connect(self._on_done)
+        self.worker.start()
+
+    def _ticks(self):
+        import time
+
+        last = -1
+        while not self.build.done():
+            if self.build.done_blocks != last:
+                last = self.build.done_blocks
+                yield last
+            time.sleep(0.2)
+
+    def _on_tick(self, done: int) -> None:
+        import time
+
+        if self.bar is None:
+            from napari.utils import progress
+
+            self.bar = progress(total=self.build.total_blocks,
+                                desc=f"{self.reader.path.name}: overview levels (once; cached)")
+        self.bar.n = done
+        self.bar.refresh()
+        if time.monotonic() - self.last_refresh >= self.refresh_s:
+            self.last_refresh = time.monotonic()
+            self.generation += 1
+            self._swap_levels()
+
+    def _on_done(self, _result=None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        error = self.build.future.exception()
+        if error is not None:
+            from napari.utils.notifications import show_error
+
+            show_error(f"{self.reader.path}: its overview levels could not be built "
+                       f"({type(error).__name__}: {error}); zoomed out it shows blank")
+            return
+        self._swap_levels()
+
+    def _swap_levels(self) -> None:
+        """The slide's layers get the reader's levels as they are now; level 0 stays the same
+        object (it keeps the file open: close_with_layers)."""
+        from mupad_core.slide.readers.overview_cache import refresh_levels
+
+        finished = refresh_levels(self.reader, self.generation)
+        fresh = {meta["name"]: data for data, meta, _kind in slide_layer_data(self.reader)}
+        for layer in viewer_layers():
+            if layer.metadata.get("mupad_overview_building") != self.store or layer.name not in fresh:
+                continue
+            layer.data = [layer.data[0], *fresh[layer.name][1:]]
+            if finished:
+                layer.metadata.pop("mupad_overview_building", None)
+
+
+def viewer_layers() -> list:
+    from napari import current_viewer
+
+    viewer = current_viewer()
+    return list(viewer.layers) if viewer is not None else []
 
 
 def warn_no_pixel_size(path: Path, error: MissingPixelSizeError) -> None:

@@ -50,7 +50,7 @@ def open_slide(
     backend: str | None = None,
     *,
     require_mpp: bool = True,
-    overview: bool = True,
+    overview: bool | str = True,
     progress: Progress | None = None,
 ) -> SlideReader:
     """Open a slide lazily with the backend its file type calls for.
@@ -60,11 +60,16 @@ def open_slide(
     `MissingPixelSizeError` (``require_mpp=False`` opens it anyway with ``mpp=None``, for
     viewing). Every failure to open is a `SlideError` naming the file. A big image without
     a pyramid gets cached coarse levels (`overview_cache`; built on its first open, with
-    `progress(done, total)`) unless ``overview=False``."""
+    `progress(done, total)`) unless ``overview=False``. ``overview="background"`` (a viewer)
+    returns at once and builds it in a thread (`reader.overview_build`), the coarse levels
+    filling in meanwhile."""
+    if overview not in (True, False, "background"):
+        raise ValueError(f"overview must be True, False or 'background', got {overview!r}")
     reader = _open(path, mpp, backend, require_mpp)
     if overview:
+        reopen = (lambda: _open(path, mpp, reader.backend, False)) if overview == "background" else None
         try:
-            add_overview(reader, progress)
+            add_overview(reader, progress, background=reopen)
         except BaseException:
             reader.close()
             raise

@@ -324,6 +324,9 @@ class SlideReader(abc.ABC):
     origin: tuple[float, float] = (0.0, 0.0)
     # RRGGBB per channel when the file states display colours (OME-Zarr omero, OME-XML Color).
     channel_colors: list[str] | None = None
+    # A big flat image opened for a viewer while its overview is still being built
+    # (`open_slide(overview="background")`): an `overview_cache.OverviewBuild`, else None.
+    overview_build = None
 
     def __init__(
         self,
