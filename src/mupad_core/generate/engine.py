@@ -32,7 +32,7 @@ from ..store import PyramidWriter
 from ..slide.tissue import TissueMap
 from ..store.omezarr import spread_path
 from ..tasks import SAME_DOMAIN_TASKS, supports_strength
-from ..transport.path import interpolate
+from ..transport.path import interpolate, source_start
 from ..transport.samplers import sample
 from .canvas import GlobalNoise
 from .fusion import ramp_weights, window_grid
@@ -82,6 +82,13 @@ def _check(config: StainConfig, handle: ModelHandle) -> None:
             f"strength {config.strength} starts from the noised source, which only makes sense when the output is "
             f"the same kind of image as the input ({', '.join(SAME_DOMAIN_TASKS)}), not for {config.task!r}"
         )
+    if getattr(handle, "source_start", None) is not None:
+        # Its paths start at the source: the SDE's score assumes a Gaussian noise end, and a
+        # variation's partial start would mix two different starting points.
+        if config.method == "sde":
+            raise ValueError(f"{handle.model_id} starts its paths at its source; sample it with euler or heun, not sde")
+        if config.strength < 1:
+            raise ValueError(f"{handle.model_id} starts its paths at its source; run it with strength 1")
     if config.target_mpp is not None and not (math.isfinite(config.target_mpp) and config.target_mpp > 0):
         raise ValueError(f"target pixel size must be a positive number of µm/px, got {config.target_mpp}")
     if config.window_px < 1:
@@ -278,6 +285,9 @@ def _sample_latent(handle, prepared, windows, weight, weight_sum, origin_latent,
     hl, wl = weight_sum.shape
     oy, ox = origin_latent
     x = (noise.window(oy, ox, hl, wl, step=0) if start is None else start).to(device)
+    sigma = getattr(handle, "source_start", None)
+    if sigma is not None:  # the model's paths start at its source latent (transport/path.py)
+        x = source_start(handle.source_latent(prepared).to(device), x, sigma)
     t_start = 1.0 - config.strength
     if t_start > 0:
         # A variation: the source itself, noised to t_start along the same path the model learnt.

@@ -77,6 +77,7 @@ class SiTImageToImageHandle:
     passthrough = False
     image_encoder = token_map = image_px = mpp = None
     source_view = None  # what the model sees of the source pixels (slide/stains.py), from its pipeline
+    source_start = None  # sigma when the model's paths start at its source latent (transport/path.py), else None
 
     def viewed(self, source: torch.Tensor) -> torch.Tensor:
         return self.source_view(source) if self.source_view is not None else source
@@ -268,9 +269,12 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
         return IdentityHandle()
     handle = _load_checkpoint_handle(spec, task, device)
     handle.mpp = model_defaults(spec).get("mpp") or handle.mpp  # a flow falls back on its generator's
-    view = model_pipeline(spec).get("source_view")
+    pipeline = model_pipeline(spec)
+    view = pipeline.get("source_view")
     if view:
         handle.source_view = source_view(view, f"{spec}: mupad_pipeline.json source_view")
+    if pipeline.get("start") == "source":
+        handle.source_start = float(pipeline.get("start_noise", 0.5))
     return handle
 
 

@@ -103,6 +103,9 @@ def build_distillation(config: RunConfig, codec, device: torch.device):
     if view != config.data.source_view:
         raise ConfigError(f"{config.source_file}: data.source_view is {config.data.source_view!r} but the teacher "
                           f"{folder} sees its source as {view!r}; set data.source_view: {view}")
+    if pipeline.get("start") == "source":
+        raise ConfigError(f"{folder}: this teacher starts its paths at its source (loss.start: source); reflow "
+                          "distillation draws them from noise")
     student = load_model(folder)
     if student.config.in_channels != codec.latent_channels:
         raise ConfigError(f"{config.source_file}: the codec gives {codec.latent_channels} latent channels, the teacher "

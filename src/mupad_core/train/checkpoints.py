@@ -77,6 +77,8 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
         "tasks": [config.task],
         "template": config.template,
         **({"source_view": config.data.source_view} if config.data.source_view != "rgb" else {}),
+        # The sampler starts where training's paths started (transport/path.py: source_start).
+        **({"start": "source", "start_noise": config.loss.start_noise} if config.loss.start == "source" else {}),
         **({"kind": config.model["kind"]} if config.model.get("kind") else {}),  # e.g. a pix2pix baseline
         **({"generator": _portable_generator(config, folder), "flow_steps": int(config.model.get("flow_steps", 8))}
            if config.model.get("kind") == "embedding-flow" else {}),

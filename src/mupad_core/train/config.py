@@ -235,6 +235,16 @@ def check_config(config: RunConfig, source: str) -> None:
         bad("train.batch_size", "cyclegan pairs each source with another item's target: it needs at least 2")
     if kind and (config.template != "source" or config.conditions):
         bad("model.kind", f"{kind} maps the source to the target: it needs `template: source` and no conditions")
+    if config.loss.start not in ("noise", "source"):
+        bad("loss.start", f"must be 'noise' or 'source', got {config.loss.start!r}")
+    if config.loss.start == "source":
+        if config.template != "source" or kind:
+            bad("loss.start", "'source' starts the path at the spatial template: it needs `template: source` and a "
+                              "MUPAD SiT (no model.kind)")
+        if not config.loss.start_noise > 0:
+            bad("loss.start_noise", f"must be > 0 (the path needs some noise to sample), got {config.loss.start_noise}")
+        if config.distill.teacher is not None:
+            bad("loss.start", "reflow distillation starts from noise; distil a model that does (loss.start: noise)")
     if config.task == "vae" and (config.conditions or config.template):
         bad("conditions", "task vae trains a latent codec: it takes no conditions and no template")
     if "rna" in config.conditions and "table" not in config.conditions["rna"]:

@@ -22,6 +22,8 @@ class LossConfig:
     cls_weight: float = 0.03  # lambda; REG's default
     align_weight: float = 0.5  # beta; REPA's default
     condition_dropout: float = 0.1
+    start: str = "noise"  # "source": the path starts at the template latent plus start_noise x noise (path.py)
+    start_noise: float = 0.5
 
 
 @dataclass
@@ -102,6 +104,10 @@ def training_loss(
                                                             device=device), (x_data.shape[0],), generator, gen_dev,
               share).to(dev)
     noise = _draw(torch.randn, x_data.shape, generator, gen_dev, share).to(dev, x_data.dtype)
+    if config.start == "source":
+        if concat is None:
+            raise ValueError("loss.start 'source' starts the path at the spatial template: pass concat")
+        noise = path.source_start(concat, noise, config.start_noise)
     x_t = path.interpolate(x_data, noise, t)
     cls_t = None
     if cls_target is not None:

@@ -6,6 +6,12 @@
 
 Samplers integrate dx/dt = v(x, t) from t = 0 to t = 1; inversion runs it backwards.
 The same convention is used for the CLS token and for embedding-space flows.
+
+A restaining model may start its path at its source instead of pure noise
+(`loss.start: source`): x_noise = source latent + sigma * noise (`source_start`). The model
+then learns only where the target differs from its source, and what it does not learn
+stays as the source has it (an arithmetic floor such as colour deconvolution, shown as the
+panel, is kept rather than redrawn from noise).
 """
 
 from __future__ import annotations
@@ -21,6 +27,14 @@ def expand_t(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def interpolate(x_data: torch.Tensor, x_noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     tt = expand_t(t, x_data)
     return tt * x_data + (1 - tt) * x_noise
+
+
+def source_start(source: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The noise end of a path that starts at the source latent (see the module's note)."""
+    if source.shape != noise.shape:
+        raise ValueError(f"a path that starts at its source needs the source latent shaped like the target's, "
+                         f"got {tuple(source.shape)} and {tuple(noise.shape)}")
+    return source.to(noise.dtype) + sigma * noise
 
 
 def velocity_target(x_data: torch.Tensor, x_noise: torch.Tensor) -> torch.Tensor:
