@@ -14,7 +14,10 @@ and scripts write), and a PNG. Each step runs in a fresh process with an empty o
   512² region at full resolution;
 - viewer open (TIFFs; empty cache again): `open_slide(overview="background")`, as the napari
   reader opens, then the same first draw (the coarsest level reads blank until built), then the
-  wait until the thread has finished the overview.
+  wait until the thread has finished the overview;
+- napari (TIFFs; empty cache again): a real viewer under Xvfb opens the file through the
+  plugin; seconds until the layer is there, until its first screenshot (a real draw), until the
+  overview is finished and drawn again; peak RSS of the whole napari process.
 Reported per file: image size (decoded bytes), seconds for each, first open / floor, and the
 peak RSS (VmHWM) of each process against the image size.
 """
@@ -41,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=40000, help="side of the TIFFs in px (default 40000)")
     p.add_argument("--png-size", type=int, default=16000, help="side of the PNG in px (default 16000)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mupad_flat_images")
-    p.add_argument("--step", choices=("floor", "first", "reopen", "viewer"), help=argparse.SUPPRESS)  # internal
+    p.add_argument("--step", choices=("floor", "first", "reopen", "viewer", "napari"), help=argparse.SUPPRESS)  # internal
     p.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -125,6 +128,22 @@ def in_process(args) -> None:
             result["draw_s"] = time.perf_counter() - t
             reader.overview_build.result()
             result["complete_s"] = time.perf_counter() - start
+    elif args.step == "napari":
+        import napari
+        from qtpy.QtWidgets import QApplication
+
+        viewer = napari.Viewer(show=True)
+        start = time.perf_counter()
+        (layer,) = viewer.open(args.file, plugin="napari-mupad")
+        result["open_s"] = time.perf_counter() - start
+        viewer.screenshot(canvas_only=True, flash=False)
+        result["draw_s"] = time.perf_counter() - start
+        while "mupad_overview_building" in layer.metadata:
+            QApplication.processEvents()
+            time.sleep(0.05)
+        viewer.screenshot(canvas_only=True, flash=False)
+        result["complete_s"] = time.perf_counter() - start
+        viewer.close()
     else:
         with open_slide(args.file, mpp=0.5) as reader:
             result["open_s"] = time.perf_counter() - start
@@ -138,8 +157,16 @@ def in_process(args) -> None:
 
 def run_step(step: str, path: Path, home: Path) -> dict:
     import os
+    import subprocess
 
-    return run_json_step(__file__, ["--step", step, "--file", str(path)], env={**os.environ, "MUPAD_HOME": str(home)})
+    env = {**os.environ, "MUPAD_HOME": str(home)}
+    if step == "napari" and not os.environ.get("DISPLAY"):  # a real viewer needs an X server: Xvfb
+        command = ["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24", sys.executable, __file__, "--step", step,
+                   "--file", str(path)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True,
+                                env={**env, "QT_API": env.get("QT_API", "pyqt6")}).stdout
+        return json.loads(output.strip().splitlines()[-1])
+    return run_json_step(__file__, ["--step", step, "--file", str(path)], env=env)
 
 
 def main(argv=None) -> None:
@@ -176,13 +203,17 @@ def main(argv=None) -> None:
         if path.suffix == ".tif":  # a PNG can only be decoded whole: its overview is built at open
             shutil.rmtree(home, ignore_errors=True)
             viewer = run_step("viewer", path, home)
+            shutil.rmtree(home, ignore_errors=True)
+            gui = run_step("napari", path, home)
             viewer_rows.append(
                 f"| {path.name} | {viewer['open_s']:.2f} | {viewer['draw_s']:.2f} | {viewer['complete_s']:.1f} "
-                f"| {viewer['complete_s'] / floor['seconds']:.2f} | {viewer['peak_rss_mb']:.0f} MB |")
+                f"| {viewer['complete_s'] / floor['seconds']:.2f} | {viewer['peak_rss_mb']:.0f} MB "
+                f"| {gui['open_s']:.2f} | {gui['draw_s']:.2f} | {gui['complete_s']:.1f} | {gui['peak_rss_mb']:.0f} MB |")
     print()
-    print("| file (empty cache) | viewer open (s) | first draw: coarsest + 512² (s) | overview complete (s) "
-          "| complete / floor | peak RSS |")
-    print("|---|---|---|---|---|---|")
+    print("| file (empty cache) | open_slide, background (s) | first draw: coarsest + 512² (s) | overview complete (s) "
+          "| complete / floor | peak RSS | napari: layer there (s) | napari: first screenshot (s) "
+          "| napari: overview drawn (s) | napari peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in viewer_rows:
         print(row)
 

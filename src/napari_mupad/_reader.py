@@ -145,6 +145,10 @@ class OverviewProgress:
         self.bar = None
 
     def __call__(self, done: int, total: int) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # a background build reports through OverviewWatcher, on the main thread
         if self.bar is None:
             from napari.utils import progress
 

@@ -62,7 +62,7 @@ def open_slide(
     a pyramid gets cached coarse levels (`overview_cache`; built on its first open, with
     `progress(done, total)`) unless ``overview=False``. ``overview="background"`` (a viewer)
     returns at once and builds it in a thread (`reader.overview_build`), the coarse levels
-    filling in meanwhile."""
+    filling in meanwhile; `progress` is then called from that thread."""
     if overview not in (True, False, "background"):
         raise ValueError(f"overview must be True, False or 'background', got {overview!r}")
     reader = _open(path, mpp, backend, require_mpp)
