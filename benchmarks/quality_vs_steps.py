@@ -26,8 +26,9 @@ import torch
 from mupad_core.evaluate.heldout import evaluate_heldout
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = {"demo-he2ihc": ("he2ihc", "runs/demo-data/ki67_ihc/manifest.csv", 0.5),
-        "demo-he2mif": ("he2mif", "runs/demo-data/deepliif/manifest.csv", 0.25)}
+# Held-out data of the model's task: (manifest, µm/px).
+DATA = {"he2ihc": ("runs/demo-data/ki67_ihc/manifest.csv", 0.5),
+        "he2mif": ("runs/demo-data/deepliif/manifest.csv", 0.25)}
 
 
 def plot_curve(rows: list[tuple[str, int, float]], path: Path, title: str) -> None:
@@ -61,13 +62,20 @@ PASSES_PER_STEP = {"euler": 1, "sde": 1, "heun": 2}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo-he2ihc", choices=sorted(DATA))
+    parser.add_argument("--model", default="demo-he2ihc",
+                        help=f"a bundled id or model folder, for one of the tasks {', '.join(sorted(DATA))}")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 250])
     parser.add_argument("--methods", nargs="+", default=["euler", "sde"])
     parser.add_argument("--plot", default=str(REPO / "docs" / "images" / "quality-vs-steps.png"))
     parser.add_argument("--student", help="a distilled student of --model, measured beside it (Euler)")
     args = parser.parse_args()
-    task, manifest, mpp = DATA[args.model]
+    from mupad_core.generate.config import model_defaults
+
+    task = model_defaults(args.model).get("task")
+    if task not in DATA:
+        raise SystemExit(f"{args.model}: task {task!r} has no held-out data here; choose a model for "
+                         f"{', '.join(sorted(DATA))}")
+    manifest, mpp = DATA[task]
     manifest = REPO / manifest
     if not manifest.is_file():
         raise SystemExit(f"{manifest}: no held-out data; run python -m mupad_core.demo_data first")

@@ -1,6 +1,6 @@
 """Does an H&E -> IHC model keep the nuclei of a real H&E? Haematoxylin in, haematoxylin out.
 
-    python scripts/he2ihc_on_he.py [--model demo-he2ihc] [--roi 717 1939 1026 1026] [--steps 12]
+    python scripts/he2ihc_on_he.py [--model demo-he2ihc] [--roi 717 1939 1026 1026] [--steps N]
 
 No IHC of the bundled H&E slide exists, so DAB placement cannot be scored on it (that is
 scripts/heldout_he2ihc.py's job, on real IHC). What can be scored on an H&E is the counterstain:
@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo-he2ihc")
     parser.add_argument("--roi", type=int, nargs=4, default=(717, 1939, 1026, 1026), metavar=("X", "Y", "W", "H"))
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the model's own, else 20)")
     args = parser.parse_args()
     import zarr
     from PIL import Image
@@ -50,7 +50,7 @@ def main() -> None:
     kept = np.corrcoef(box_means(rgb2hed(source)[..., 0]), box_means(rgb2hed(output)[..., 0]))[0, 1]
     brown = (rgb2hed(output)[..., 2] > 0.02).mean()
     print(f"{args.model} over CMU-1-Small-Region ROI {tuple(args.roi)} at {config.target_mpp} µm/px, "
-          f"{args.steps} steps: haematoxylin kept (8-px box PCC to the input H&E's) {kept:.3f}; "
+          f"{config.steps} steps: haematoxylin kept (8-px box PCC to the input H&E's) {kept:.3f}; "
           f"output pixels with DAB > 0.02: {brown:.3f}")
 
 

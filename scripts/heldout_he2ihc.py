@@ -107,8 +107,9 @@ def score(output: np.ndarray, real: np.ndarray, view: np.ndarray, cells: np.ndar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], help="a model name or folder (repeatable)")
-    parser.add_argument("--steps", type=int, nargs="+", default=[20],
-                        help="sampling steps (network passes per tile); several: each model at each count")
+    parser.add_argument("--steps", type=int, nargs="+",
+                        help="sampling steps (network passes per tile); several: each model at each count "
+                             "(default: each model's own count, else 20)")
     parser.add_argument("--samples", type=int, default=1,
                         help="also score a diffusion model's mean of this many samples (mupad stain --samples)")
     parser.add_argument("--json", help="also write the results here")
@@ -145,7 +146,8 @@ def main() -> None:
                f"linear DAB = {a:.2f}·H {b:+.3f} (floor, fit on training)": floor(view)}
     for model in args.model:
         one_pass = model_pipeline(model).get("kind") in ("pix2pix", "cyclegan")
-        runs = [(1, 1)] if one_pass else [(steps, samples) for steps in args.steps
+        counts = args.steps or [int(model_pipeline(model).get("steps") or 20)]
+        runs = [(1, 1)] if one_pass else [(steps, samples) for steps in counts
                                           for samples in ([1] if args.samples < 2 else [1, args.samples])]
         for steps, samples in runs:
             with tempfile.TemporaryDirectory() as keep:

@@ -832,13 +832,18 @@ def test_a_few_step_model_runs_at_its_own_step_count_unless_told(make_napari_vie
     from mupad_core.generate.config import StainConfig
     from mupad_core.zoo import resolve_model
 
+    from mupad_core.demo import DEMO_STEPS, DemoConfig, demo_stain_config
+
     student = tmp_path / "student"
-    shutil.copytree(resolve_model("demo-he2ihc"), student)
+    shutil.copytree(resolve_model("demo-he2mif"), student)
     pipeline = json.loads((student / "mupad_pipeline.json").read_text())
     (student / "mupad_pipeline.json").write_text(json.dumps({**pipeline, "steps": 2}))
-    assert StainConfig.for_model("demo-he2ihc").steps == 20  # a model that records none: the engine's default
+    assert StainConfig.for_model("demo-he2mif").steps == 20  # a model that records none: the engine's default
     assert StainConfig.for_model(str(student)).steps == 2
     assert StainConfig.for_model(str(student), steps=6).steps == 6
+    assert demo_stain_config(str(student), "he2mif").steps == 2  # `mupad demo` too
+    assert demo_stain_config("demo-he2mif", "he2mif").steps == DEMO_STEPS
+    assert demo_stain_config(str(student), "he2mif", DemoConfig(steps=5)).steps == 5
 
     def cli(*extra):
         args = build_parser().parse_args(["stain", "slide.svs", "-o", "out.ome.zarr", "--model", str(student), *extra])
@@ -848,8 +853,8 @@ def test_a_few_step_model_runs_at_its_own_step_count_unless_told(make_napari_vie
     assert cli() == 2 and cli("--steps", "7") == 7
     widget = _widget(make_napari_viewer(), tmp_path, qtbot)
     widget.model_combo.setCurrentText(str(student))
-    assert widget.steps_spin.value() == 2 and widget.settings(str(student), "he2ihc").steps == 2
-    widget.model_combo.setCurrentText("demo-he2ihc")
+    assert widget.steps_spin.value() == 2 and widget.settings(str(student), "he2mif").steps == 2
+    widget.model_combo.setCurrentText("demo-he2mif")
     assert widget.steps_spin.value() == 20
 
 

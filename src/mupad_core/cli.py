@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="stain the bundled slide with the bundled demo models; open napari")
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    demo.add_argument("--steps", type=int, default=12, help="sampler steps (default: 12)")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="sampler steps (default: each model's own count where it records one, else 12)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--max-output-px", type=int, default=1024,
                       help="longest side of each result; larger regions are cropped to the most tissue (default 1024)")

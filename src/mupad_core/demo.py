@@ -29,9 +29,12 @@ def sample_slide_path() -> Path:
     return Path(str(resources.files("mupad_core") / "data" / SAMPLE_SLIDE))
 
 
+DEMO_STEPS = 12  # for models that record no step count of their own
+
+
 @dataclass
 class DemoConfig:
-    steps: int = 12
+    steps: int | None = None  # None: each model's own count (a few-step student's), else DEMO_STEPS
     seed: int = 0
     max_output_px: int = 1024  # output side; larger slides are cropped to their most tissue-rich region
     window_px: int = 128  # for models that do not say which window they were trained on
@@ -121,7 +124,7 @@ def _stain(entry, task, reader, slide, stain, out_dir: Path, config: DemoConfig,
     side = round(config.max_output_px * mpp / finest)
     width0, height0 = reader.dimensions
     roi = (0, 0, width0, height0) if max(width0, height0) <= side else tissue_rich_roi(reader, side)
-    log(f"{entry.id}: {task} over ROI {roi} of {Path(slide).name} at {mpp} µm/px, {config.steps} steps")
+    log(f"{entry.id}: {task} over ROI {roi} of {Path(slide).name} at {mpp} µm/px, {stain.steps} steps")
     start = time.perf_counter()
     store = run_stain(reader, load_handle(entry.id, task), out_dir / f"{entry.id}.ome.zarr",
                       replace(stain, roi=roi, target_mpp=mpp), progress=None)
@@ -139,12 +142,13 @@ def _stain(entry, task, reader, slide, stain, out_dir: Path, config: DemoConfig,
 
 def demo_stain_config(model: str, task: str, config: DemoConfig = DemoConfig()):
     """The defaults every entry point shares (`StainConfig.for_model`); the demo's own window
-    only for a model that names none."""
+    and step count only for a model that names none (a few-step student keeps its own)."""
     from .generate.config import StainConfig, model_pipeline
 
-    window = None if model_pipeline(model).get("window_px") else config.window_px
-    return StainConfig.for_model(model, task=task, steps=config.steps, seed=config.seed, overwrite=True,
-                                 window_px=window)
+    pipeline = model_pipeline(model)
+    window = None if pipeline.get("window_px") else config.window_px
+    steps = config.steps if config.steps is not None else None if pipeline.get("steps") else DEMO_STEPS
+    return StainConfig.for_model(model, task=task, steps=steps, seed=config.seed, overwrite=True, window_px=window)
 
 
 # Captions of the kind demo-text2he was trained on (docs/training.md: MoNuSeg + GlaS captions).
@@ -162,6 +166,7 @@ def _generate(entry, pipeline, reader, out_dir: Path, config: DemoConfig, log):
     from .store import PyramidWriter
 
     generator = load_generator(entry.id)
+    steps = config.steps or int(pipeline.get("steps") or DEMO_STEPS)
     mpp = float(pipeline.get("mpp") or reader.level_mpp(0)[0])
     side = 256
     start = time.perf_counter()
@@ -177,12 +182,12 @@ def _generate(entry, pipeline, reader, out_dir: Path, config: DemoConfig, log):
         asks = [(f"unconditional sample {k}", {}, None) for k in range(len(DEMO_PROMPTS))]
     panels, outputs = [], []
     for k, (what, record, conditions) in enumerate(asks):
-        pixels = generator.generate(side, side, conditions, steps=config.steps, seed=config.seed + k)
+        pixels = generator.generate(side, side, conditions, steps=steps, seed=config.seed + k)
         image = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         path = out_dir / f"{entry.id}-{k}.ome.zarr"
         writer = PyramidWriter(path, image.shape[1:], 3, mpp=(mpp, mpp), overwrite=True, provenance={
             "model_id": entry.id, "task": entry.tasks[0], **record, "seed": config.seed + k,
-            "steps": config.steps})
+            "steps": steps})
         writer.write_tile(0, 0, image)
         outputs.append(str(writer.finalize()))
         panels.append(image.transpose(1, 2, 0))

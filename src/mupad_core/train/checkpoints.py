@@ -16,7 +16,7 @@ from ..models.sit import MupadSiT
 from .config import ConfigError, RunConfig
 from .loop import Trainer
 from .vae import calibrate_scaling
-from .builders import distill_teacher_folder, rna_method
+from .builders import rna_method
 from .distributed import Process, barrier
 
 
@@ -82,7 +82,8 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
         **({"kind": config.model["kind"]} if config.model.get("kind") else {}),  # e.g. a pix2pix baseline
         **({"generator": _portable_generator(config, folder), "flow_steps": int(config.model.get("flow_steps", 8))}
            if config.model.get("kind") == "embedding-flow" else {}),
-        **({"distilled_from": str(distill_teacher_folder(config)), "teacher_steps": config.distill.teacher_steps}
+        # The teacher as the config names it (a model id, or a folder relative to the config).
+        **({"distilled_from": str(config.distill.teacher), "teacher_steps": config.distill.teacher_steps}
            if config.distill.teacher else {}),
         **({"steps": config.distill.student_steps} if config.distill.teacher and config.distill.student_steps else {}),
         "conditions": sorted(config.conditions),
