@@ -162,8 +162,10 @@ class OverviewBuild:
     def _run(self) -> None:
         try:
             with self._reopen() as own:  # its own file handle: the viewer may close its reader meanwhile
+                # One core left to the viewer: on a 2-core machine the build reads with one thread.
+                workers = max(1, min(4, (os.cpu_count() or 2) - 1))
                 self.future.set_result(_fill_and_finish(own.levels[0], self.partial, self.store, self.factors,
-                                                        own.path, self._count, workers=1))
+                                                        own.path, self._count, workers=workers))
         except BaseException as error:  # noqa: BLE001  (handed to whoever waits on the build)
             self.future.set_exception(error)
         finally:
