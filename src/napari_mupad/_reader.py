@@ -210,7 +210,7 @@ class OverviewWatcher:
         self.bar.refresh()
         if time.monotonic() - self.last_refresh >= self.refresh_s:
             self.last_refresh = time.monotonic()
-            self.generation += 1
+            self.generation = done  # names the levels: new ones for each redraw
             self._swap_levels()
 
     def _on_done(self, _result=None) -> None:
