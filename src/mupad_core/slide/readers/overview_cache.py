@@ -132,7 +132,7 @@ class BlankWhileBuilding:
         try:
             return self._array()[key]
         except Exception:  # noqa: BLE001  (a torn chunk file: zarr's decoders raise several types)
-            shape = np.empty(self.shape, dtype=bool)[key].shape  # the shape a read of `key` has, for free
+            shape = np.broadcast_to(np.empty((), dtype=bool), self.shape)[key].shape  # no allocation
             return np.full(shape, self.partial.fill_value, dtype=self.dtype)
 
 
