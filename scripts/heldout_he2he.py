@@ -1,7 +1,7 @@
 """H&E variations on held-out tissue: KID/FID to real held-out crops, and whether a variation follows its reference.
 
     python scripts/heldout_he2he.py --model demo-he2he [--model OTHER] [--references 48] \
-        [--steps 20] [--figure docs/images/he2he-heldout.png]
+        [--steps 20 [2 ...]] [--figure docs/images/he2he-heldout.png] [--plot PNG]
 
 The held-out set is the `val` split of `runs/demo-data/he_atlas` (whole MoNuSeg slides and
 whole GlaS patients no model trained on), 256-px crops at 0.5 µm/px. Each model draws one
@@ -15,7 +15,9 @@ given as its reference image, and the script reports in FID's InceptionV3 featur
   by feature distance (top-1 and top-5 retrieval; chance is 1/N and 5/N). A model that ignores
   the reference draws the same kind of tissue for every one and scores at chance.
 
-`--figure` writes the references on the first row and one row of variations per model.
+`--figure` writes the references on the first row and one row of variations per model (the
+first step count). Several `--steps` score every model at each; `--plot` then draws KID against
+network passes per tile, per model.
 Needs the demo data: python -m mupad_core.demo_data --shared ../shared/data --out runs/demo-data
 """
 
@@ -25,7 +27,7 @@ import argparse
 
 import numpy as np
 import torch
-from heldout_text2he import DATA, SIZE, heldout_and_floors, load_crops
+from heldout_text2he import DATA, SIZE, heldout_and_floors, load_crops, plot_kid_vs_passes
 
 
 def retrieval(drawn: np.ndarray, references: np.ndarray) -> tuple[float, float]:
@@ -39,9 +41,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[])
     parser.add_argument("--references", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, nargs="+", default=[20])
     parser.add_argument("--guidance", type=float, default=0.0)
     parser.add_argument("--figure")
+    parser.add_argument("--plot", help="KID against network passes per tile, per model (PNG)")
     args = parser.parse_args()
     from mupad_core.evaluate.distribution import fid, kid
     from mupad_core.evaluate.features import load_extractor
@@ -56,18 +59,22 @@ def main() -> None:
     references = load_crops([val[i] for i in picks])
     reference_features = real_val[picks]
     results = {label: (feats, False) for label, feats in floors.items()}
-    sheets = {}
+    sheets, curves = {}, {}
     for model in args.model:
         gen = load_generator(model)
-        drawn = []
-        for i, reference in enumerate(references):
-            image = (reference.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            conditions = gen.conditions(image=image)
-            drawn.append(gen.generate(SIZE, SIZE, conditions, steps=args.steps, guidance=args.guidance, seed=i))
-        pixels = torch.stack(drawn)
-        label = f"{model} ({args.steps} steps" + (f", guidance {args.guidance})" if args.guidance else ")")
-        results[label] = (features(pixels).numpy(), True)
-        sheets[model] = pixels
+        for steps in args.steps:
+            drawn = []
+            for i, reference in enumerate(references):
+                image = (reference.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                conditions = gen.conditions(image=image)
+                drawn.append(gen.generate(SIZE, SIZE, conditions, steps=steps, guidance=args.guidance, seed=i))
+            pixels = torch.stack(drawn)
+            label = f"{model} ({steps} steps" + (f", guidance {args.guidance})" if args.guidance else ")")
+            feats = features(pixels).numpy()
+            results[label] = (feats, True)
+            curves.setdefault(model, []).append((steps * (2 if args.guidance else 1),
+                                                 kid(feats, real_val, resamples=100)))
+            sheets.setdefault(model, pixels)
 
     n = len(picks)
     print(f"Held-out: {len(val)} real 256-px crops at 0.5 µm/px (whole slides/patients never trained on); one "
@@ -97,7 +104,12 @@ def main() -> None:
         sheet = torch.cat([torch.cat([r, torch.ones(3, 6, r.shape[-1])], dim=1) for r in rows], dim=1)
         Image.fromarray((sheet.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(args.figure)
         print(f"wrote {args.figure}: rows: held-out references, then {', '.join(sheets)} "
-              f"({args.steps} steps, one variation each)")
+              f"({args.steps[0]} steps, one variation each)")
+    if args.plot and curves:
+        floors_kid = {label: kid(feats, real_val, resamples=100) for label, (feats, _) in results.items()
+                      if label in floors}
+        plot_kid_vs_passes(curves, floors_kid, args.plot,
+                           f"H&E variations, held out: one variation of each of {n} references")
 
 
 if __name__ == "__main__":

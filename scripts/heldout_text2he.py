@@ -1,7 +1,7 @@
 """text -> H&E on held-out tissue: KID/FID to real held-out crops, and whether captions separate.
 
     python scripts/heldout_text2he.py --model demo-text2he [--model OTHER] [--per-caption 4] \
-        [--steps 20] [--guidance 2] [--figure docs/images/text2he-heldout.png]
+        [--steps 20 [2 ...]] [--guidance 2] [--figure docs/images/text2he-heldout.png] [--plot PNG]
 
 The held-out set is the `val` split of `runs/demo-data/he_atlas` (whole MoNuSeg slides and
 whole GlaS patients no model trained on), 256-px crops at 0.5 µm/px. Each model draws
@@ -15,7 +15,9 @@ reports, in FID's InceptionV3 features:
   benign vs malignant) classifies each model's samples drawn under benign vs malignant captions;
   the balanced accuracy says whether the text stream steers what is drawn (0.5: it does not).
 
-`--figure` writes one row per model: a sample under each of four captions.
+`--figure` writes one row per model: a sample under each of four captions (the first step
+count). Several `--steps` score every model at each; `--plot` then draws KID against network
+passes per tile (two per step under guidance), per model (`plot_kid_vs_passes`).
 Needs the demo data: python -m mupad_core.demo_data --shared ../shared/data --out runs/demo-data
 """
 
@@ -76,9 +78,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[])
     parser.add_argument("--per-caption", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, nargs="+", default=[20])
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--figure")
+    parser.add_argument("--plot", help="KID against network passes per tile, per model (PNG)")
     args = parser.parse_args()
     from sklearn.linear_model import LogisticRegression
 
@@ -99,17 +102,22 @@ def main() -> None:
     captions = sorted({r["caption"] for r in val})
     results = {label: (feats, None) for label, feats in floors.items()}
     sheets = {}
+    curves = {}
     for model in args.model:
         gen = load_generator(model)
-        drawn, drawn_captions = [], []
-        for caption in captions:
-            conditions = gen.conditions(text=caption)
-            for seed in range(args.per_caption):
-                drawn.append(gen.generate(SIZE, SIZE, conditions, steps=args.steps, guidance=args.guidance, seed=seed))
-                drawn_captions.append(caption)
-        pixels = torch.stack(drawn)
-        results[f"{model} ({args.steps} steps, guidance {args.guidance})"] = (features(pixels).numpy(), drawn_captions)
-        sheets[model] = (pixels, drawn_captions)
+        for steps in args.steps:
+            drawn, drawn_captions = [], []
+            for caption in captions:
+                conditions = gen.conditions(text=caption)
+                for seed in range(args.per_caption):
+                    drawn.append(gen.generate(SIZE, SIZE, conditions, steps=steps, guidance=args.guidance, seed=seed))
+                    drawn_captions.append(caption)
+            pixels = torch.stack(drawn)
+            feats = features(pixels).numpy()
+            results[f"{model} ({steps} steps, guidance {args.guidance})"] = (feats, drawn_captions)
+            passes = steps * (2 if args.guidance else 1)
+            curves.setdefault(model, []).append((passes, kid(feats, real_val, resamples=100)))
+            sheets.setdefault(model, (pixels, drawn_captions))
 
     print(f"Held-out: {len(val)} real 256-px crops at 0.5 µm/px ({len(captions)} captions; whole slides/patients "
           f"never trained on); {args.per_caption} samples per caption; InceptionV3 (FID) features.\n")
@@ -144,6 +152,41 @@ def main() -> None:
         sheet = torch.cat([torch.cat([r, torch.ones(3, 6, r.shape[-1])], dim=1) for r in rows], dim=1)
         Image.fromarray((sheet.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(args.figure)
         print(f"wrote {args.figure}: rows {', '.join(sheets)}, real held-out; columns: " + " | ".join(picks))
+    if args.plot and curves:
+        floors_kid = {label: kid(feats, real_val, resamples=100) for label, feats in floors.items()}
+        plot_kid_vs_passes(curves, floors_kid, args.plot,
+                           f"text → H&E, held out: {args.per_caption} samples × {len(captions)} captions, "
+                           f"guidance {args.guidance}")
+
+
+def plot_kid_vs_passes(curves: dict, floors: dict, path: str, title: str) -> None:
+    """KID (with its 95 % interval) against network passes per tile, one line per model; the
+    floors as horizontal lines, and a 5 % band around each model's most-pass value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for (model, points), colour in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        points = sorted(points, key=lambda p: p[0])
+        passes = [p for p, _ in points]
+        values = np.array([[k.value, k.low, k.high] for _, k in points]) * 1e3
+        ax.errorbar(passes, values[:, 0], yerr=[values[:, 0] - values[:, 1], values[:, 2] - values[:, 0]],
+                    marker="o", capsize=3, color=colour, label=Path(model).name)
+        reference = values[-1, 0]
+        ax.axhspan(reference * 0.95, reference * 1.05, color=colour, alpha=0.12,
+                   label=f"±5 % of {Path(model).name} at {passes[-1]} passes")
+    for (label, k), style in zip(floors.items(), (":", "--")):
+        ax.axhline(k.value * 1e3, color="grey", linestyle=style, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("network passes per tile")
+    ax.set_ylabel("KID ×10³ to real held-out crops (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,31 @@ def test_bundled_sample_slide_is_real_and_opens():
     slide.close()
 
 
+# Measured 2026-12-07 at the test's 2 steps and 384 px: 0.888 (a model that ignored its input: about 0).
+MIN_KI67_DAB_PCC = 0.7
+
+
+def _dab_at(result: dict, shape: tuple) -> np.ndarray:
+    """DAB (colour deconvolution) of the demo's input region, at the output's size."""
+    from skimage.color import rgb2hed
+    from skimage.transform import resize
+
+    from mupad_core.slide import open_slide
+
+    with open_slide(result["source"]) as reader:
+        x, y, w, h = result["roi_level0"]
+        rgb = reader.read_region(0, x, y, w, h)
+    return resize(rgb2hed(rgb[..., :3])[..., 2], shape, anti_aliasing=True)
+
+
+def _box_pcc(a: np.ndarray, b: np.ndarray, box: int = 8) -> float:
+    def boxes(x):
+        h, w = x.shape[0] // box * box, x.shape[1] // box * box
+        return x[:h, :w].astype(float).reshape(h // box, box, w // box, box).mean((1, 3)).ravel()
+
+    return float(np.corrcoef(boxes(a), boxes(b))[0, 1])
+
+
 def test_demo_stains_the_bundled_slide_with_every_bundled_model(tmp_path, capsys):
     from mupad_core.store import validate_omezarr
     from mupad_core.zoo import bundled_models
@@ -61,8 +86,13 @@ def test_demo_stains_the_bundled_slide_with_every_bundled_model(tmp_path, capsys
         level0 = group["0"][:]
         assert level0.std() > 1  # the model drew something, not a constant
         if result["task"] == "he2mif":  # it learnt from IHC brightfield: it is given an IHC image
-            assert result["channels"] == ["DAPI", "Lap2beta", "Ki67"] and result["source"].endswith("ihc-sample.png")
+            assert result["channels"] == ["DAPI", "Lap2beta", "Ki67"]
+            assert result["source"].endswith("OS-2-Ki67-crop.ome.tif")
             assert group.attrs["mupad"]["kind"] == "fluorescence"
+            # Its Ki67 channel lies where the input's DAB does (the Ki67-positive nuclei).
+            ki67_follows_dab = _box_pcc(level0[2], _dab_at(result, level0.shape[1:]))
+            print(f"demo-he2mif Ki67 vs input DAB, 8-px box PCC: {ki67_follows_dab:.3f}")
+            assert ki67_follows_dab > MIN_KI67_DAB_PCC
     preview = np.asarray(Image.open(out / "preview.png"))
     assert preview.shape[0] == 256 * len(entries)
     assert preview[:, : preview.shape[1] // 4].std() > 20  # the real tissue panel

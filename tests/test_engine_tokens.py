@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import zarr
@@ -14,8 +16,14 @@ from mupad_core.slide import open_slide
 ROI = (1000, 1400, 192, 192)  # level-0 px of the bundled slide, at the model's 0.5 µm/px
 
 
-def stain(tmp_path, name, roi=ROI, **options):
-    handle = load_handle("demo-he2he", "he2he")
+@functools.lru_cache(maxsize=None)
+def he2he_handle():
+    """One handle for the module, as the napari widget keeps one: its token cache carries over."""
+    return load_handle("demo-he2he", "he2he")
+
+
+def stain(tmp_path, name, roi=ROI, handle=None, **options):
+    handle = handle or he2he_handle()
     config = StainConfig(task="he2he", roi=roi, target_mpp=0.5, steps=2, seed=3, window_px=128, overlap_px=32,
                          block_px=256, chunk_px=64, margin_px=128, skip_background=False)
     for key, value in options.items():
@@ -40,9 +48,21 @@ def test_variations_model_runs_whole_slide_from_window_tokens(tmp_path):
     """The bundled H&E-variations model (image stream, no template) stains a region through the engine."""
     from skimage.transform import resize
 
-    whole, source, out = stain(tmp_path, "whole")
+    handle = he2he_handle()
+    encoded = []
+    encode = handle.image_encoder.encode
+    handle.image_encoder.encode = lambda crop: encoded.append(crop.shape) or encode(crop)
+    try:
+        whole, source, out = stain(tmp_path, "whole")
+        first = len(encoded)
+        near = stain(tmp_path, "near", strength=0.5)[0]
+    finally:
+        del handle.image_encoder.encode
+    # Every window of the region was encoded once; the rerun over the same pixels encodes none.
+    assert first > 0 and len(encoded) == first and len(handle.token_cache) >= first
+    fresh = stain(tmp_path, "fresh", handle=load_handle("demo-he2he", "he2he"))[0]
+    assert np.array_equal(fresh, whole)  # cached tokens are the tokens: same pixels as a new handle's
     small = resize(source.astype(float), whole.shape[:2], anti_aliasing=True, preserve_range=True)
-    near = stain(tmp_path, "near", strength=0.5)[0]
     elsewhere = stain(tmp_path, "elsewhere", roi=(400, 1800, 192, 192))[0]
     # The layout comes from each window's tokens (at 3 steps, 16-px box correlation 0.44 against this
     # region's source when written, 0.33 for an output made from a glass region's tokens); a
@@ -89,3 +109,38 @@ def test_guidance_schedule_skips_the_unconditional_pass_where_the_weight_is_zero
     with open_slide(sample_slide_path()) as reader, pytest.raises(ValueError, match="needs a model with an image condition stream"):
         run_stain(reader, load_handle("demo-he2ihc", "he2ihc"), tmp_path / "refused.ome.zarr",
                   StainConfig(task="he2ihc", roi=ROI, guidance=1.0))
+
+
+def test_token_cache_keys_by_pixels_and_drops_the_least_recently_used_beyond_its_budget():
+    import torch
+
+    from mupad_core.generate.handles import TokenCache
+
+    crops = [torch.full((3, 8, 8), v / 10) for v in range(4)]
+    tokens = [torch.full((16,), float(v)) for v in range(4)]  # 64 bytes each
+    cache = TokenCache(max_bytes=3 * 64)
+    keys = [cache.key(c) for c in crops]
+    assert cache.key(crops[0].clone()) == keys[0] and cache.key(crops[0].half()) != keys[0]
+    for key, value in zip(keys[:3], tokens[:3]):
+        cache.put(key, value)
+    assert cache.get(keys[0]) is tokens[0]  # now the most recently used
+    cache.put(keys[3], tokens[3])
+    assert len(cache) == 3 and cache.bytes == 3 * 64
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) is tokens[0] and cache.get(keys[3]) is tokens[3]
+
+
+def test_kept_handles_are_reused_until_their_files_change(tmp_path):
+    """The napari widget's handles: the same object for a rerun, a fresh load once the folder is rewritten."""
+    import os
+    import shutil
+
+    from mupad_core.generate.handles import kept_handle
+    from mupad_core.zoo import resolve_model
+
+    folder = tmp_path / "he2he-copy"
+    shutil.copytree(resolve_model("demo-he2he"), folder)
+    first = kept_handle(str(folder), "he2he")
+    assert kept_handle(str(folder), "he2he") is first
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # saved again
+    assert kept_handle(str(folder), "he2he") is not first

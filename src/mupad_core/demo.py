@@ -3,7 +3,7 @@
 Every bundled model (`mupad models`) runs through the same whole-slide engine as
 `mupad stain`, at the pixel size it was trained at, over a tissue-rich region of the
 bundled CC0 slide CMU-1-Small-Region (the whole slide where that is small enough); a model
-that learnt from IHC brightfield (demo-he2mif) gets scikit-image's real IHC sample instead. Each
+that learnt from Ki67 IHC brightfield (demo-he2mif) gets the bundled Ki67 IHC crop instead. Each
 result is an OME-Zarr pyramid; `preview.png` shows source | result per model, and napari
 opens with the slide and every result as overlay layers when a display is present.
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 SAMPLE_SLIDE = "CMU-1-Small-Region.svs"
+IHC_SAMPLE = "OS-2-Ki67-crop.ome.tif"
 
 
 def sample_slide_path() -> Path:
@@ -80,8 +81,8 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print, models
                 continue
             stain = demo_stain_config(entry.id, task, config)
             if entry.id in IHC_INPUT_MODELS:
-                path = ihc_sample_path(out_dir)
-                with open_slide(path, mpp=stain.target_mpp) as ihc:
+                path = ihc_sample_path()
+                with open_slide(path) as ihc:
                     result, row = _stain(entry, task, ihc, path, stain, out_dir, config, log)
             else:
                 result, row = _stain(entry, task, reader, slide, stain, out_dir, config, log)
@@ -100,16 +101,10 @@ def run_demo(out_dir: Path, config: DemoConfig = DemoConfig(), log=print, models
 IHC_INPUT_MODELS = {"demo-he2mif"}
 
 
-def ihc_sample_path(out_dir: Path) -> Path:
-    """scikit-image's real IHC sample (colonic glands, DAB for FHL2 with haematoxylin; "no known
-    copyright restrictions"), written once as a PNG the readers open like any image."""
-    from PIL import Image
-    from skimage.data import immunohistochemistry
-
-    path = Path(out_dir) / "ihc-sample.png"
-    if not path.is_file():
-        Image.fromarray(immunohistochemistry()).save(path)
-    return path
+def ihc_sample_path() -> Path:
+    """The bundled Ki67 IHC crop (OpenSlide test data OS-2, 0.227 µm/px, data/README.md): the
+    stain demo-he2mif learnt from, so its row shows what the model does on its own kind of input."""
+    return Path(str(resources.files("mupad_core") / "data" / IHC_SAMPLE))
 
 
 def _stain(entry, task, reader, slide, stain, out_dir: Path, config: DemoConfig, log):

@@ -12,6 +12,9 @@ owns tiling, noise, fusion and writing; the handle only knows its network:
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,6 +65,48 @@ class PreparedBlock:
     tokens: dict = field(default_factory=dict)  # window (y, x) -> its image tokens (computed once)
 
 
+class TokenCache:
+    """Image tokens by the bytes of the window they came from, least recently used dropped
+    first. A window's tokens are a function of its pixels only, and the same pixels come back
+    often: windows in the margin two neighbouring blocks share, and every rerun of a region
+    with another seed, strength or step count (the napari widget keeps its handles,
+    `kept_handle`). Thread-safe: two widget jobs may share one handle."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(crop: torch.Tensor) -> bytes:
+        pixels = crop.detach().cpu().contiguous()
+        digest = hashlib.blake2b(pixels.numpy().tobytes(), digest_size=20)
+        digest.update(repr((tuple(pixels.shape), str(pixels.dtype))).encode())
+        return digest.digest()
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        with self._lock:
+            tokens = self._entries.get(key)
+            if tokens is not None:
+                self._entries.move_to_end(key)
+            return tokens
+
+    def put(self, key: bytes, tokens: torch.Tensor) -> None:
+        size = tokens.numel() * tokens.element_size()
+        with self._lock:
+            if size > self.max_bytes or key in self._entries:
+                return
+            self._entries[key] = tokens
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class SiTImageToImageHandle:
     """A MupadSiT that sees the source through a spatial template (`concat_channels`), an
     image condition stream, or both.
@@ -75,7 +120,7 @@ class SiTImageToImageHandle:
     """
 
     passthrough = False
-    image_encoder = token_map = image_px = mpp = None
+    image_encoder = image_px = mpp = None
     source_view = None  # what the model sees of the source pixels (slide/stains.py), from its pipeline
     source_start = None  # sigma when the model's paths start at its source latent (transport/path.py), else None
 
@@ -110,6 +155,16 @@ class SiTImageToImageHandle:
         self.channel_colors = channel_colors
 
     @property
+    def token_map(self):
+        return self._token_map
+
+    @token_map.setter
+    def token_map(self, value) -> None:
+        """A new map makes new tokens: the cached ones are dropped with the old map."""
+        self._token_map = value
+        self.token_cache = TokenCache()
+
+    @property
     def conditioned(self) -> bool:
         return self.image_encoder is not None
 
@@ -128,10 +183,19 @@ class SiTImageToImageHandle:
     def _window_tokens(self, prepared: PreparedBlock, windows) -> torch.Tensor:
         """Image tokens of each window's source pixels (cached: the same at every step)."""
         d = self.downscale
-        missing = [w for w in windows if (w.y, w.x) not in prepared.tokens]
+        missing = []
+        for w in windows:
+            if (w.y, w.x) in prepared.tokens:
+                continue
+            crop = prepared.source[:, w.y * d : (w.y + w.h) * d, w.x * d : (w.x + w.w) * d]
+            key = self.token_cache.key(crop)
+            cached = self.token_cache.get(key)
+            if cached is not None:
+                prepared.tokens[(w.y, w.x)] = cached
+            else:
+                missing.append((w, key, crop))
         if missing:
-            crops = torch.stack([prepared.source[:, w.y * d : (w.y + w.h) * d, w.x * d : (w.x + w.w) * d]
-                                 for w in missing]).to(self.device)
+            crops = torch.stack([crop for _, _, crop in missing]).to(self.device)
             size = self.image_px
             patch = getattr(self.image_encoder, "patch_size", 1)
             if size and not hasattr(self.image_encoder, "input_size"):  # builtin CNN: the size it learnt at
@@ -142,9 +206,11 @@ class SiTImageToImageHandle:
             # One window at a time: a window's tokens then do not depend on which other
             # windows share its batch (convolution kernels chosen per batch size differ in
             # the last bits), so blocks cut differently give identical pixels.
-            for w, crop in zip(missing, crops):
+            for (w, key, _), crop in zip(missing, crops):
                 tokens = self.image_encoder.encode(crop[None]).tokens
-                prepared.tokens[(w.y, w.x)] = (self.token_map(tokens) if self.token_map is not None else tokens)[0]
+                tokens = (self.token_map(tokens) if self.token_map is not None else tokens)[0]
+                prepared.tokens[(w.y, w.x)] = tokens
+                self.token_cache.put(key, tokens)
         return torch.stack([prepared.tokens[(w.y, w.x)] for w in windows])
 
     @property
@@ -275,6 +341,35 @@ def load_handle(spec: str, task: str, device: str = "cpu") -> ModelHandle:
         handle.source_view = source_view(view, f"{spec}: mupad_pipeline.json source_view")
     if pipeline.get("start") == "source":
         handle.source_start = float(pipeline.get("start_noise", 0.5))
+    return handle
+
+
+_KEPT: OrderedDict[tuple, ModelHandle] = OrderedDict()
+_KEPT_LOCK = threading.Lock()
+
+
+def kept_handle(spec: str, task: str, device: str = "cpu", keep: int = 2) -> ModelHandle:
+    """`load_handle`, but the last `keep` handles stay loaded (a viewer's reruns skip the load
+    and reuse the window tokens they cached). A model folder whose files change on disk (a
+    retrained model saved over the old one) is loaded afresh."""
+    if spec == "identity":
+        return load_handle(spec, task, device)
+    from ..models.checkpoint import CHECKPOINT_FILES
+    from ..zoo import resolve_model
+
+    folder = resolve_model(spec, CHECKPOINT_FILES)
+    stamp = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
+    key = (str(spec), task, str(device), str(folder), stamp)
+    with _KEPT_LOCK:
+        handle = _KEPT.get(key)
+        if handle is not None:
+            _KEPT.move_to_end(key)
+            return handle
+    handle = load_handle(spec, task, device)
+    with _KEPT_LOCK:
+        _KEPT[key] = handle
+        while len(_KEPT) > keep:
+            _KEPT.popitem(last=False)
     return handle
 
 

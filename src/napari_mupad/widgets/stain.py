@@ -86,14 +86,14 @@ def restaining_models() -> list[str]:
 def _stain_worker(slide_path: str, mpp: float | None, model: str, task: str, device: str, threads: int | None,
                   jobs: list[tuple[int, tuple, str, bool, list | None]], engine: dict, cancel: threading.Event,
                   relay: Relay) -> list:
-    """Runs in a worker thread: load the model once, stain each ROI. Returns [(index, status, path)]."""
+    """Runs in a worker thread: the model (kept loaded between runs), stain each ROI. Returns [(index, status, path)]."""
     match_torch_threads(threads)
     from mupad_core.generate.engine import Cancelled, StainConfig, run_stain
-    from mupad_core.generate.handles import load_handle
+    from mupad_core.generate.handles import kept_handle
     from mupad_core.slide.readers import open_slide
 
     results = []
-    handle = load_handle(model, task, device=resolve_device(device))
+    handle = kept_handle(model, task, device=resolve_device(device))
     from mupad_core.slide.regions import Polygon, Regions
 
     with open_slide(slide_path, mpp=mpp) as reader:
