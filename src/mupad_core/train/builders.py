@@ -110,11 +110,25 @@ def build_distillation(config: RunConfig, codec, device: torch.device):
     if student.config.in_channels != codec.latent_channels:
         raise ConfigError(f"{config.source_file}: the codec gives {codec.latent_channels} latent channels, the teacher "
                           f"takes {student.config.in_channels}")
-    if not student.config.concat_channels or student.config.condition_dims or student.config.cls_dim:
+    streams = sorted(student.config.condition_dims or {})
+    if student.config.cls_dim or bool(student.config.concat_channels) == bool(streams):
         raise ConfigError(f"{folder}: reflow distillation takes a restaining model (spatial template, no condition "
-                          "streams or CLS token)")
+                          "streams) or a generation model (condition streams, no template), without a CLS token")
+    if streams != sorted(config.conditions):
+        raise ConfigError(f"{config.source_file}: conditions {sorted(config.conditions)} differ from the teacher's "
+                          f"streams {streams} ({folder}); name the teacher's conditions and encoders")
+    if streams and (pipeline.get("encoders") or {}) != _encoder_specs(config):
+        raise ConfigError(f"{config.source_file}: condition encoders {_encoder_specs(config)} differ from the "
+                          f"teacher's {pipeline.get('encoders')} ({folder}): the pairs must be drawn from its tokens")
     teacher = load_model(folder, device=device).requires_grad_(False)
     return student, teacher
+
+
+def _encoder_specs(config: RunConfig) -> dict:
+    """The encoders as a checkpoint records them (train/checkpoints.py)."""
+    return {m: {"name": s.get("encoder"), **{k: v for k, v in s.items() if k not in ("encoder", "from", "trainable",
+                                                                                   "table")}}
+            for m, s in config.conditions.items() if m != "rna"}
 
 
 def build_teacher(config: RunConfig, device: torch.device):

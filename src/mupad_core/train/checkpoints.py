@@ -86,6 +86,9 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
         **({"distilled_from": str(config.distill.teacher), "teacher_steps": config.distill.teacher_steps}
            if config.distill.teacher else {}),
         **({"steps": config.distill.student_steps} if config.distill.teacher and config.distill.student_steps else {}),
+        # A guidance-distilled student samples unguided: one pass a step (train/distill.py).
+        **({"guidance": 0.0, "distilled_guidance": config.distill.teacher_guidance}
+           if config.distill.teacher and config.distill.teacher_guidance else {}),
         "conditions": sorted(config.conditions),
         # How to rebuild each stream's encoder at inference (generate/roi.py reads this).
         "encoders": {m: {"name": s.get("encoder"), **{k: v for k, v in s.items()

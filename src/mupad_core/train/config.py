@@ -96,6 +96,9 @@ class DistillConfig:
     # The step count the student is made for: recorded as the model's own (`steps` in its
     # pipeline), where `mupad stain` and the widget start. None: the engine's default.
     student_steps: int | None = None
+    # A generation model's teacher is sampled with this classifier-free guidance; the student
+    # learns the guided trajectory and records guidance 0 as its own (one pass a step).
+    teacher_guidance: float = 0.0
 
 
 @dataclass
@@ -163,6 +166,8 @@ class RunConfig:
             identity.pop("teacher")  # runs from before teachers existed keep their fingerprint
         if identity["distill"]["teacher"] is None:
             identity.pop("distill")
+        elif not identity["distill"].get("teacher_guidance"):
+            identity["distill"].pop("teacher_guidance", None)  # students from before guidance distillation
         if identity["data"]["cache"] is None:
             identity["data"].pop("cache")  # likewise for runs from before latent caches were wired
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -264,9 +269,16 @@ def check_config(config: RunConfig, source: str) -> None:
     elif any(k in (config.model or {}) for k in ("align_depth", "align_dim", "cls_dim")):
         bad("model", "align_depth/align_dim/cls_dim come from a `teacher:` section; add one (e.g. encoder: inception)")
     if config.distill.teacher is not None:
-        if config.template != "source" or config.conditions or kind or config.teacher.encoder:
-            bad("distill", "reflow distillation takes a restaining model (template: source, no condition streams, "
-                           "no model.kind, no teacher: section)")
+        restaining = config.template == "source" and not config.conditions
+        generating = config.template is None and bool(config.conditions)
+        if not (restaining or generating) or kind or config.teacher.encoder:
+            bad("distill", "reflow distillation takes a restaining model (template: source, no condition streams) "
+                           "or a generation model (no template, condition streams), with no model.kind and no "
+                           "teacher: section")
+        if config.distill.teacher_guidance < 0:
+            bad("distill.teacher_guidance", f"must be at least 0, got {config.distill.teacher_guidance}")
+        if config.distill.teacher_guidance and not config.conditions:
+            bad("distill.teacher_guidance", "guidance needs condition streams to switch off; this model has none")
         if {k for k in config.model if k != "kind"} - {"hidden_size", "depth", "num_heads"} or kind:
             bad("model", "a distilled student keeps its teacher's architecture; leave model: out")
         if config.distill.teacher_steps < 1:

@@ -8,7 +8,11 @@ that coupled pair, x_t = t x̂ + (1 - t) z with velocity x̂ - z. Along a straig
 Euler step is exact, so the student samples well in 1-2 passes.
 
 Configured by a `distill:` section of `mupad train` (teacher: a model folder or id); the
-student keeps the teacher's architecture, latent codec and template. Chosen over shortcut
+student keeps the teacher's architecture, latent codec and template. A generation model
+(text, RNA or image streams) is distilled under its conditions: each pair is drawn under the
+batch's own caption, and with `teacher_guidance` w the teacher's ODE is the guided one
+(v_c + w (v_c - v_u), two passes a step), so the student learns the guided trajectory itself
+and samples it with one pass a step, no guidance (guidance distillation, Meng et al. 2023). Chosen over shortcut
 or MeanFlow training because it reuses the training loop, loss and data unchanged and its
 effect is measured directly against the teacher (benchmarks/quality_vs_steps.py).
 """
@@ -34,23 +38,29 @@ class ReflowTerms:
 
 
 @torch.no_grad()
-def teacher_sample(teacher, noise: torch.Tensor, concat: torch.Tensor | None, steps: int) -> torch.Tensor:
-    """The teacher's Euler ODE from noise (t = 0) to data (t = 1)."""
+def teacher_sample(teacher, noise: torch.Tensor, concat: torch.Tensor | None, steps: int,
+                   conditions=None, guidance: float = 0.0) -> torch.Tensor:
+    """The teacher's Euler ODE from noise (t = 0) to data (t = 1), guided when `guidance` > 0."""
+    from ..transport.samplers import GuidedVelocity
+
+    velocity = GuidedVelocity(teacher, conditions, concat)
     x = noise
     ts = time_grid(steps)
     for i in range(steps):
-        t = torch.full((x.shape[0],), float(ts[i]), device=x.device)
-        x = x + float(ts[i + 1] - ts[i]) * teacher(x, t, None, concat=concat).velocity.float()
+        v, _ = velocity(x, None, float(ts[i]), guidance)
+        x = x + float(ts[i + 1] - ts[i]) * v.float()
     return x
 
 
 def reflow_loss(student, teacher, latents: torch.Tensor, concat: torch.Tensor | None, steps: int,
-                generator: torch.Generator, time_sampling: str = "uniform") -> ReflowTerms:
-    """Velocity loss on the straight path between a noise and the teacher's image from it."""
+                generator: torch.Generator, time_sampling: str = "uniform", conditions=None,
+                guidance: float = 0.0) -> ReflowTerms:
+    """Velocity loss on the straight path between a noise and the teacher's image from it
+    (under the same conditions; `guidance`: the teacher's guided ODE, the student unguided)."""
     noise = torch.randn(latents.shape, generator=generator).to(latents)
-    target = teacher_sample(teacher, noise, concat, steps)
+    target = teacher_sample(teacher, noise, concat, steps, conditions, guidance)
     t = path.sample_time(latents.shape[0], time_sampling, generator=generator).to(latents.device)
     x_t = path.interpolate(target, noise, t)
-    velocity = student(x_t, t, None, concat=concat).velocity
+    velocity = student(x_t, t, conditions, concat=concat).velocity
     loss = F.mse_loss(velocity.float(), path.velocity_target(target, noise).float())
     return ReflowTerms(total=loss, velocity=loss)

@@ -233,6 +233,9 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         model = build_model(config, codec, encoders, teacher)
     model = model.to(process.device)
     trainable_encoders = [e for e in encoders.values() if any(p.requires_grad for p in e.parameters())]
+    if reflow_teacher is not None and trainable_encoders:
+        raise ConfigError(f"{config.source_file}: distilling a model whose condition encoder was trained with it is "
+                          "not supported (the pairs need the teacher's trained encoder); frozen encoders only")
     net = model
     if process.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -258,7 +261,8 @@ def train(config: RunConfig, *, resume: bool = False, log: Callable[[str], None]
         else (lambda net_, batch, gen: embedding_flow_loss(net_, batch.concat, batch.latents, gen))
         if kind == "embedding-flow"
         else (lambda net_, batch, gen: reflow_loss(net_, reflow_teacher, batch.latents, batch.concat,
-                                                   config.distill.teacher_steps, gen, config.loss.time_sampling))
+                                                   config.distill.teacher_steps, gen, config.loss.time_sampling,
+                                                   batch.conditions, config.distill.teacher_guidance))
         if reflow_teacher is not None else None,
     )
     resumed_from = 0
