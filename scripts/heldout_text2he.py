@@ -213,6 +213,7 @@ def plot_kid_vs_passes(curves: dict, floors: dict, path: str, title: str) -> Non
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
     print(f"wrote {path}")
 
 

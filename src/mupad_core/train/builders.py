@@ -117,15 +117,16 @@ def build_distillation(config: RunConfig, codec, device: torch.device):
     if streams != sorted(config.conditions):
         raise ConfigError(f"{config.source_file}: conditions {sorted(config.conditions)} differ from the teacher's "
                           f"streams {streams} ({folder}); name the teacher's conditions and encoders")
-    if streams and (pipeline.get("encoders") or {}) != _encoder_specs(config):
-        raise ConfigError(f"{config.source_file}: condition encoders {_encoder_specs(config)} differ from the "
+    if streams and (pipeline.get("encoders") or {}) != recorded_encoders(config):
+        raise ConfigError(f"{config.source_file}: condition encoders {recorded_encoders(config)} differ from the "
                           f"teacher's {pipeline.get('encoders')} ({folder}): the pairs must be drawn from its tokens")
     teacher = load_model(folder, device=device).requires_grad_(False)
     return student, teacher
 
 
-def _encoder_specs(config: RunConfig) -> dict:
-    """The encoders as a checkpoint records them (train/checkpoints.py)."""
+def recorded_encoders(config: RunConfig) -> dict:
+    """Each stream's encoder as a checkpoint records it, to rebuild at inference (generate/roi.py
+    reads it) and to check a distillation's teacher against."""
     return {m: {"name": s.get("encoder"), **{k: v for k, v in s.items() if k not in ("encoder", "from", "trainable",
                                                                                    "table")}}
             for m, s in config.conditions.items() if m != "rna"}

@@ -16,7 +16,7 @@ from ..models.sit import MupadSiT
 from .config import ConfigError, RunConfig
 from .loop import Trainer
 from .vae import calibrate_scaling
-from .builders import rna_method
+from .builders import recorded_encoders, rna_method
 from .distributed import Process, barrier
 
 
@@ -90,10 +90,7 @@ def export_model(folder: Path, trainer: Trainer, encoders, config: RunConfig, co
         **({"guidance": 0.0, "distilled_guidance": config.distill.teacher_guidance}
            if config.distill.teacher and config.distill.teacher_guidance else {}),
         "conditions": sorted(config.conditions),
-        # How to rebuild each stream's encoder at inference (generate/roi.py reads this).
-        "encoders": {m: {"name": s.get("encoder"), **{k: v for k, v in s.items()
-                                                       if k not in ("encoder", "from", "trainable", "table")}}
-                     for m, s in config.conditions.items() if m != "rna"},
+        "encoders": recorded_encoders(config),
         **({"rna_scoring": {"method": rna_method(), "gene_sets": config.conditions["rna"].get("gene_sets", "bundled")}}
            if "rna" in config.conditions else {}),
         "window_px": window_px,
